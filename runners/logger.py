@@ -1,0 +1,115 @@
+"""Run logging: ``metrics.jsonl`` in the run directory always, and Weights & Biases unless disabled.
+
+Every record carries ``step``; metric names are namespaced (``train/``, ``val/``, ``test/``, ``grad/``).
+The local file is flushed at every record, so a crash loses nothing that was logged. On resume the
+file is cut back to the length it had at the checkpoint (recorded in it), so no step is logged twice.
+W&B runs offline by default (no account or network needed; ``wandb sync`` uploads later), keep one run id
+per run directory (``wandb_id.txt``) and resume it, and always ``finish``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+class RunLogger:
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        mode: str = "offline",
+        project: str = "gradest",
+        entity: str | None = None,
+        group: str | None = None,
+        job_type: str | None = None,
+        name: str | None = None,
+        tags: list[str] | None = None,
+        resume_lines: int | None = None,
+    ):
+        if mode not in WANDB_MODES:
+            raise ValueError(f"logger.mode={mode!r}: choose one of {', '.join(WANDB_MODES)}")
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
+        self.lines = self._truncate(resume_lines)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in finish()
+        self.wandb = None
+        self.wandb_dir: Path | None = None
+        if mode != "disabled":
+            import wandb
+
+            id_file = self.run_dir / "wandb_id.txt"
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id + "\n")
+            self.run = wandb.init(
+                project=project, entity=entity, group=group, job_type=job_type, name=name, tags=tags,
+                config=config, dir=str(self.run_dir), id=run_id, resume="allow", mode=mode,
+                settings=wandb.Settings(console="off", silent=True),
+            )
+            self.run.define_metric("step")
+            self.run.define_metric("*", step_metric="step")  # plot everything against our own step
+            self.wandb = wandb
+            self.wandb_dir = Path(self.run.dir).parent  # .../wandb/offline-run-<time>-<id>
+
+    def _truncate(self, resume_lines: int | None) -> int:
+        """Cut metrics.jsonl back to ``resume_lines`` lines (the count saved with the checkpoint)."""
+        if not self.path.exists():
+            return 0
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        lines = [ln for ln in lines if ln.endswith("\n")]  # a line cut by a kill is dropped
+        if resume_lines is not None:
+            lines = lines[:resume_lines]
+        elif lines:
+            lines = []  # a fresh run in an old directory starts a fresh file
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(lines), encoding="utf-8")
+        os.replace(tmp, self.path)
+        return len(lines)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self.lines += 1
+        if self.wandb is not None:
+            self.run.log(record)
+
+    def log_images(self, key: str, images, step: int, caption: str | None = None) -> None:
+        """Images only go to W&B (local copies are written by the caller as PNG)."""
+        if self.wandb is not None:
+            self.run.log({"step": int(step), key: self.wandb.Image(images, caption=caption)})
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.wandb is not None:
+            for k, v in values.items():
+                self.run.summary[k] = _plain(v)
+
+    def sync_command(self) -> str | None:
+        if self.wandb is None or self.wandb_dir is None:
+            return None
+        return f"wandb sync {self.wandb_dir}"
+
+    def finish(self, exit_code: int = 0) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self.wandb is not None:
+            self.run.finish(exit_code=exit_code)
+            self.wandb = None
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1:
+        return v.item()
+    return v
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
