@@ -44,7 +44,7 @@ class RunLogger:
             import wandb
 
             id_file = self.run_dir / "wandb_id.txt"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else generate_run_id()
             id_file.write_text(run_id + "\n")
             self.run = wandb.init(
                 project=project, entity=entity, group=group, job_type=job_type, name=name, tags=tags,
@@ -100,6 +100,14 @@ class RunLogger:
         if self.wandb is not None:
             self.run.finish(exit_code=exit_code)
             self.wandb = None
+
+
+def generate_run_id() -> str:
+    """A W&B-style run id (8 lowercase alphanumerics), kept in the run directory for resume."""
+    import secrets
+    import string
+
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 def _plain(v: Any) -> Any:
