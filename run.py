@@ -1,31 +1,115 @@
-"""Entry point: ``python run.py model=sbn estimator=reinforce``; ``-m`` sweeps. See README.md."""
+"""Entry point: ``python run.py model=sbn estimator=reinforce``; ``-m`` sweeps. See README.md.
+
+One run: bad input (an unknown option, a value out of range, an estimator that cannot serve the model, data
+that cannot be loaded) ends with ``error: ...`` on stderr and exit status 2, no traceback.
+
+A sweep (``-m``): every job runs whatever the others do. A job that fails writes its traceback to
+``<run dir>/error.txt`` and says ``FAILED`` on stderr; when all jobs have returned, the sweep exits with
+status 1 and one message listing every failed job of this invocation. Re-running the same command with the
+same ``hydra.sweep.dir`` skips finished jobs (``DONE``), resumes interrupted ones from their checkpoint, and
+runs the failed and missing ones again.
+"""
 
 from __future__ import annotations
 
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.errors import CompactHydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
-from runners.checks import ConfigError
+from runners.checks import ConfigError, check_config, check_overrides
+from runners.logger import DONE, ERROR_FILE, SUMMARY
+
+
+class JobFailed(CompactHydraException):
+    """Raised by a failed job of a sweep, after its traceback is written to its ``error.txt``.
+
+    Hydra's sweeper lets every job of the sweep run, then re-raises the first failure in the main process and
+    prints ``str()`` of a ``CompactHydraException`` (no traceback). The message is therefore composed when it
+    is printed, from the sweep directory: by then every job has returned, and each failed job of this
+    invocation has left an ``error.txt`` newer than the sweep's ``multirun.yaml`` (written at its start).
+    """
+
+    def __init__(self, sweep_dir: str, run_dir: str, message: str):
+        super().__init__(sweep_dir, run_dir, message)  # all in args: survives pickling from worker processes
+        self.sweep_dir, self.run_dir, self.message = sweep_dir, run_dir, message
+
+    def __str__(self) -> str:
+        failed = failed_jobs(Path(self.sweep_dir)) or [(Path(self.run_dir), self.message)]
+        lines = [f"error: {len(failed)} job(s) of the sweep in {self.sweep_dir} failed (the others ran to the end):"]
+        lines += [f"  {d.name}: {msg}" for d, msg in failed]
+        lines.append(f"tracebacks: <run dir>/{ERROR_FILE}; re-run the same command to retry them (finished jobs are "
+                     f"skipped, interrupted ones resume)")
+        return "\n".join(lines)
+
+
+def failed_jobs(sweep_dir: Path) -> list[tuple[Path, str]]:
+    """(run dir, one-line error) of the jobs whose ``error.txt`` is newer than the sweep's start."""
+    start = (sweep_dir / "multirun.yaml").stat().st_mtime if (sweep_dir / "multirun.yaml").exists() else 0.0
+    out = []
+    for err in sorted(sweep_dir.glob(f"*/{ERROR_FILE}")):
+        if err.stat().st_mtime >= start - 1.0:  # 1 s of slack for coarse file-system clocks
+            out.append((err.parent, error_line(err)))
+    return out
+
+
+def error_line(path: Path) -> str:
+    """The first line of an ``error.txt``: the exception, as ``write_error`` puts it there."""
+    text = path.read_text(encoding="utf-8", errors="replace").strip()
+    return text.splitlines()[0] if text else "(empty error.txt)"
+
+
+def write_error(run_dir: Path, e: BaseException) -> None:
+    """``error.txt``: one line naming the exception, then the command's overrides, then the full traceback."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    overrides = " ".join(HydraConfig.get().overrides.task)
+    text = (f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+            f"overrides: {overrides}\nat: {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n"
+            + "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+    (run_dir / ERROR_FILE).write_text(text, encoding="utf-8")
+
+
+def wandb_group(cfg: DictConfig, hc) -> str | None:
+    """The W&B group: logger.group, else the preset's experiment_name, else the sweep directory's name."""
+    if cfg.logger.get("group"):
+        return str(cfg.logger.group)
+    if cfg.get("experiment_name"):
+        return str(cfg.experiment_name)
+    if hc.mode == RunMode.MULTIRUN:
+        return Path(hc.sweep.dir).name
+    return None  # train.py falls back to the model name
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict | None:
-    from data.common import DataError  # noqa: PLC0415 - after Hydra has parsed the command line
-    from runners.train import DONE, SUMMARY, train
-
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
     if (run_dir / DONE).exists():
         print(f"already finished: {run_dir} (delete {run_dir / DONE} to run again)")
-        return None
+        return OmegaConf.to_container(OmegaConf.load(run_dir / SUMMARY)) if (run_dir / SUMMARY).exists() else None
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a retry starts clean
+    clean = (ConfigError,)
     try:
-        summary = train(cfg, run_dir)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        if HydraConfig.get().mode.name == "RUN":
+        check_config(cfg)  # ranges answer before torch is imported; no data is loaded here
+        from data.common import DataError  # noqa: PLC0415 - heavy imports after the cheap checks
+        from runners.train import train  # noqa: PLC0415
+
+        clean = (ConfigError, DataError)
+        summary = train(cfg, run_dir, group=wandb_group(cfg, hc))
+    except Exception as e:
+        write_error(run_dir, e)
+        if multirun:
+            print(f"FAILED {run_dir}: {type(e).__name__}: {e}", file=sys.stderr)
+            raise JobFailed(str(hc.sweep.dir), str(run_dir), f"{type(e).__name__}: {e}") from e
+        if isinstance(e, clean):
+            print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         raise
     m = int(cfg.eval.samples)
@@ -36,5 +120,15 @@ def main(cfg: DictConfig) -> dict | None:
     return summary
 
 
+def precheck(argv: list[str]) -> None:
+    """Unknown group options (``estimator=foo``) answered with the valid ones before Hydra starts."""
+    try:
+        check_overrides(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    precheck(sys.argv[1:])
     main()

@@ -14,7 +14,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+# The files of a run directory (runners/train.py writes them; run.py and runners/report.py read them).
 METRICS_FILE = "metrics.jsonl"
+CHECKPOINT = "checkpoint.pt"
+SUMMARY = "summary.json"
+DONE = "DONE"  # written last: a finished run
+ERROR_FILE = "error.txt"  # the traceback of a failed run (run.py)
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -83,6 +88,12 @@ class RunLogger:
         """Images only go to W&B (local copies are written by the caller as PNG)."""
         if self.wandb is not None:
             self.run.log({"step": int(step), key: self.wandb.Image(images, caption=caption)})
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """A ``wandb.Table`` (W&B only; the same rows are in summary.json / the report's CSV)."""
+        if self.wandb is not None:
+            table = self.wandb.Table(columns=columns, data=[[_plain(v) for v in row] for row in rows])
+            self.run.log({"step": int(step), key: table})
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.wandb is not None:

@@ -3,7 +3,8 @@
 Everything a run writes goes into its run directory: ``config.yaml`` (resolved), ``metrics.jsonl``,
 ``checkpoint.pt`` (model, optimiser, estimator state, RNG states, step; written atomically), ``summary.json``
 and ``DONE`` (written last, marks a finished run). Re-running with the same run directory resumes from the
-checkpoint with no repeated and no missing steps.
+checkpoint with no repeated and no missing steps (and refuses a checkpoint written under another config).
+Models with a ``generate(n)`` method also leave ``samples.png``, and sample images in W&B at every evaluation.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from tqdm import tqdm
 
 from estimators.base import Estimator
 from models.base import LatentVariableModel
-from runners.checks import check_config, load_estimator_config
-from runners.logger import RunLogger
+from runners.checks import ConfigError, check_config, check_resume, load_estimator_config
+from runners.logger import CHECKPOINT, DONE, SUMMARY, RunLogger
+from runners.trajectory import bias_metrics
 from runners.utils import (
     atomic_json,
     atomic_torch_save,
@@ -34,9 +36,8 @@ from runners.utils import (
 )
 from runners.variance import gradient_variance
 
-CHECKPOINT = "checkpoint.pt"
-DONE = "DONE"
-SUMMARY = "summary.json"
+SAMPLES_PNG = "samples.png"
+N_SAMPLE_IMAGES = 64
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Run:
     basket: dict[str, Estimator]
     optimizer: torch.optim.Optimizer
     device: torch.device
+    reference: Estimator | None = None  # variance.bias.reference: the unbiased estimator bias is measured against
 
 
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module, estimator: torch.nn.Module) -> torch.optim.Optimizer:
@@ -68,7 +70,10 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module, estimator: torch.nn
 
 def build(cfg: DictConfig) -> Run:
     check_config(cfg)  # before any data is loaded
-    device = resolve_device(cfg.device)
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     seed_everything(int(cfg.seed))
     data = instantiate(cfg.data, device=device)
     model = instantiate(cfg.model, x_dim=data.x_dim, train_mean=data.train_mean.to(device)).to(device)
@@ -78,7 +83,13 @@ def build(cfg: DictConfig) -> Run:
         for name in cfg.variance.basket
     }
     optimizer = build_optimizer(cfg.optim, model, estimator)
-    return Run(data, model, estimator, basket, optimizer, device)
+    reference = None
+    if cfg.variance.get("bias") is not None:
+        ref_name = cfg.variance.bias.reference
+        reference = instantiate(load_estimator_config(ref_name), context_dim=model.context_dim).to(device)
+        if not getattr(reference, "unbiased", False):  # e.g. REINFORCE with a normalised signal
+            raise ConfigError(f"variance.bias.reference={ref_name!r} is biased as configured: choose an unbiased one")
+    return Run(data, model, estimator, basket, optimizer, device, reference)
 
 
 @torch.no_grad()
@@ -117,15 +128,17 @@ def save_checkpoint(path: Path, run: Run, step: int, batch_gen: torch.Generator,
     )
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train per ``cfg`` in ``run_dir`` (resuming from its checkpoint if there is one); returns the summary."""
+def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, Any]:
+    """Train per ``cfg`` in ``run_dir`` (resuming from its checkpoint if there is one); returns the summary.
+    ``group``: the W&B group (run.py passes the sweep's); default logger.group, experiment_name, model name."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    check_resume(resolved, run_dir)  # before anything is loaded or overwritten
     run = build(cfg)
     model, estimator, opt = run.model, run.estimator, run.optimizer
     train_split, val_split, test_split = (run.data.split(s) for s in ("train", "valid", "test"))
     batch_gen = torch.Generator().manual_seed(int(cfg.seed))  # minibatch indices, on CPU
-    t, ev = cfg.train, cfg.eval
 
     start, elapsed, resume_lines = 0, 0.0, None
     ckpt_path = run_dir / CHECKPOINT
@@ -139,7 +152,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         start, elapsed, resume_lines = int(ckpt["step"]), float(ckpt["elapsed"]), int(ckpt["metrics_lines"])
         print(f"resuming from {ckpt_path} at step {start}")
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["git_rev"] = git_revision()
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
     model_name = cfg.model.get("name", "model")
@@ -147,7 +159,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     lg = cfg.logger
     logger = RunLogger(
         run_dir, resolved, mode=lg.mode, project=lg.project, entity=lg.get("entity"),
-        group=lg.get("group") or cfg.get("experiment_name") or f"{model_name}", job_type=est_name,
+        group=group or lg.get("group") or cfg.get("experiment_name") or f"{model_name}", job_type=est_name,
         name=f"{model_name}-{est_name}-{cfg.seed}", tags=list(lg.get("tags") or []), resume_lines=resume_lines,
     )
     exit_code = 1
@@ -175,6 +187,8 @@ def _loop(cfg, run: Run, logger: RunLogger, train_split, val_split, test_split, 
         if step % int(t.eval_every) == 0:
             val = evaluate(model, val_split, int(ev.batch_size), 1, max_examples=t.get("val_examples"))
             logger.log({"val/elbo": val, "time/elapsed": elapsed + time.perf_counter() - tick}, step)
+            if logger.wandb is not None and hasattr(model, "generate"):
+                logger.log_images("samples", sample_grid(model, int(cfg.seed) + step), step, caption=f"step {step}")
         # --- gradient variance at these parameters, on one fixed minibatch
         if int(var_cfg.every) > 0 and step % int(var_cfg.every) == 0:
             if var_batch is None:
@@ -184,6 +198,9 @@ def _loop(cfg, run: Run, logger: RunLogger, train_split, val_split, test_split, 
             for name, est in {cfg.estimator.name: estimator, **run.basket}.items():
                 stats = gradient_variance(model, est, var_batch, int(var_cfg.samples), seed=step)
                 metrics.update({f"grad/{name}/{k}": v for k, v in stats.items()})
+            if run.reference is not None:  # bias against the unbiased reference (runners/trajectory.py)
+                metrics.update(bias_metrics(model, {cfg.estimator.name: estimator, **run.basket}, var_batch,
+                                            int(var_cfg.samples), run.reference, int(var_cfg.bias.samples), seed=step))
             last_var = metrics.get(f"grad/{cfg.estimator.name}/log10_var", float("nan"))
             logger.log(metrics, step)
         # --- one step
@@ -216,6 +233,13 @@ def _loop(cfg, run: Run, logger: RunLogger, train_split, val_split, test_split, 
         f"test/bound_{m}": evaluate(model, test_split, bs, m, int(ev.chunk), max_examples=limit),
     }
     logger.log(result, steps)
+    columns = ["model", "estimator", "seed", "steps", "test/elbo", f"test/bound_{m}", "train_seconds"]
+    logger.log_table("test/table", columns, [[cfg.model.name, cfg.estimator.name, int(cfg.seed), steps,
+                                              result["test/elbo"], result[f"test/bound_{m}"], elapsed]], steps)
+    if hasattr(model, "generate"):
+        grid = sample_grid(model, int(cfg.seed) + steps)
+        save_png(grid, run_dir / SAMPLES_PNG)
+        logger.log_images("samples", grid, steps, caption=f"step {steps}")
     summary = {
         "model": cfg.model.name, "estimator": cfg.estimator.name, "seed": int(cfg.seed), "steps": steps,
         "train/elbo": train_elbo, **result, "eval_samples": m, "train_seconds": elapsed,
@@ -225,3 +249,31 @@ def _loop(cfg, run: Run, logger: RunLogger, train_split, val_split, test_split, 
     atomic_json(summary, run_dir / SUMMARY)
     (run_dir / DONE).write_text("finished\n")  # written last: a sweep skips runs that have it
     return summary
+
+
+@torch.no_grad()
+def sample_grid(model: LatentVariableModel, seed: int, n: int = N_SAMPLE_IMAGES) -> Any:
+    """``model.generate(n)`` pixel probabilities as one square grid image (numpy [H, W], values in [0, 1]).
+
+    The RNG is forked and seeded: drawing images never changes the training trajectory."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model.eval()
+        probs = model.generate(n).float().cpu()  # [n, X]
+        model.train()
+    side = int(round(math.sqrt(probs.shape[1])))  # 28 for MNIST
+    if side * side != probs.shape[1]:  # not square images: one row per sample
+        return probs.numpy()
+    rows = int(math.ceil(math.sqrt(n)))
+    grid = torch.full((rows * (side + 2), rows * (side + 2)), 0.5)  # [H, W] grey gaps between images
+    for i, img in enumerate(probs.view(n, side, side)):  # [side, side]
+        r, c = divmod(i, rows)
+        grid[r * (side + 2) + 1 : r * (side + 2) + 1 + side, c * (side + 2) + 1 : c * (side + 2) + 1 + side] = img
+    return grid.numpy()
+
+
+def save_png(image: Any, path: Path) -> None:
+    import matplotlib.image
+
+    matplotlib.image.imsave(str(path), image, cmap="gray", vmin=0.0, vmax=1.0)
