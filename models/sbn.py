@@ -81,3 +81,11 @@ class SBN(LatentVariableModel):
         for dec, z, target in zip(self.decoder, zs, targets):
             log_p = log_p + bernoulli_layer(dec(z)).log_prob(target.expand(*z.shape[:-1], target.shape[-1]))  # [S, B]
         return log_q - log_p  # [S, B]
+
+    @torch.no_grad()
+    def generate(self, n: int) -> Tensor:
+        """Pixel probabilities p(x | z_1) of ``n`` ancestral samples z_L -> ... -> z_1 of the generative model, [n, X]."""
+        z = torch.bernoulli(torch.sigmoid(self.prior_logits).expand(n, -1))  # [n, D_L]
+        for dec in reversed(self.decoder[1:]):  # decoder[i] maps z_{i+1} to the logits of z_i
+            z = torch.bernoulli(torch.sigmoid(dec(z)))  # [n, D_i]
+        return torch.sigmoid(self.decoder[0](z))  # [n, X]

@@ -66,3 +66,9 @@ class VAE(LatentVariableModel):
         prior = Independent(Normal(torch.zeros_like(z), torch.ones_like(z)), 1)
         log_px = bernoulli_layer(self.decoder(z)).log_prob(expand_samples(x, n_samples).expand(*z.shape[:-1], x.shape[-1]))
         return q.log_prob(z) - prior.log_prob(z) - log_px  # [S, B]
+
+    @torch.no_grad()
+    def generate(self, n: int) -> Tensor:
+        """Pixel probabilities p(x | z) of ``n`` draws z ~ p(z) = N(0, I), [n, X]."""
+        z = torch.randn(n, self.latent_dim, device=self.x_mean.device)  # [n, D]
+        return torch.sigmoid(self.decoder(z))  # [n, X]
