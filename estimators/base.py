@@ -65,8 +65,9 @@ class Estimator(nn.Module):
     #: the kinds of latent variable this estimator can differentiate through (``Bernoulli``, ``Normal``,
     #: ``Mixture``): checked against ``model.latent_kind`` before any data is loaded.
     supports: ClassVar[frozenset[str]] = frozenset()
-    #: whether the estimate is unbiased for E[cost]; tests assert the bias of the biased ones.
-    unbiased: ClassVar[bool] = True
+    #: whether the estimate is unbiased for grad E[cost]; tests assert the bias of the biased ones. A YAML
+    #: option can change it (variance normalisation), so instances may override it: read it on an instance.
+    unbiased: bool = True
     #: minimum number of samples per example (leave-one-out needs 2)
     min_samples: ClassVar[int] = 1
 

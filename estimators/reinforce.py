@@ -35,6 +35,9 @@ class Reinforce(Estimator):
     ):
         super().__init__(n_samples=n_samples, context_dim=context_dim, name=name)
         self.signal = SignalProcessor(centre, normalise, idb, context_dim, idb_hidden, decay)
+        # VN divides the score-function term by max(1, sqrt(v)) while the pathwise terms keep their scale
+        # (NVIL's choice): the direction of the score term is unbiased, the gradient as a whole is not.
+        self.unbiased = not normalise
 
     def forward(self, cost_fn: CostFn, context: Tensor | None = None) -> Estimate:
         trace = Trace(draw_detached)

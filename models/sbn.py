@@ -68,11 +68,14 @@ class SBN(LatentVariableModel):
         return self.encoder.parameters()
 
     def cost(self, x: Tensor, sample: Sampler, n_samples: int = 1) -> Tensor:
-        h = expand_samples(self.context(x), n_samples)  # [S, B, X]
+        h = self.context(x)  # [B, X]: the first layer's input is the same for every sample
         log_q = 0.0
         zs = []
         for i, enc in enumerate(self.encoder):  # recognition pass, bottom up
-            q = bernoulli_layer(enc(h))  # [S, B, D_i]
+            logits = enc(h)  # [S, B, D_i] ([B, D_1] for the first layer)
+            if i == 0:
+                logits = expand_samples(logits, n_samples)  # [S, B, D_1], a view: computed once per example
+            q = bernoulli_layer(logits)  # [S, B, D_i]
             h = sample(f"z{i + 1}", q)  # [S, B, D_i]
             log_q = log_q + q.log_prob(h)  # [S, B]
             zs.append(h)
