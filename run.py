@@ -65,14 +65,30 @@ def error_line(path: Path) -> str:
     return text.splitlines()[0] if text else "(empty error.txt)"
 
 
-def write_error(run_dir: Path, e: BaseException) -> None:
-    """``error.txt``: one line naming the exception, then the command's overrides, then the full traceback."""
+def write_error(run_dir: Path, e: BaseException, headline: BaseException) -> None:
+    """``error.txt``: one line naming the exception (``headline``: the error that explains it), then the
+    command's overrides, then the full traceback of ``e``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = " ".join(HydraConfig.get().overrides.task)
-    text = (f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+    text = (f"{one_line(headline)}\n"
             f"overrides: {overrides}\nat: {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n"
             + "".join(traceback.format_exception(type(e), e, e.__traceback__)))
     (run_dir / ERROR_FILE).write_text(text, encoding="utf-8")
+
+
+def one_line(e: BaseException) -> str:
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def clean_cause(e: BaseException | None, kinds: tuple[type, ...]) -> BaseException | None:
+    """``e`` or the error it was raised from that is one of ``kinds`` (``hydra.utils.instantiate`` wraps the
+    DataError of a dataset's constructor in an InstantiationException)."""
+    while e is not None:
+        if isinstance(e, kinds):
+            return e
+        e = e.__cause__
+    return None
 
 
 def wandb_group(cfg: DictConfig, hc) -> str | None:
@@ -104,12 +120,13 @@ def main(cfg: DictConfig) -> dict | None:
         clean = (ConfigError, DataError)
         summary = train(cfg, run_dir, group=wandb_group(cfg, hc))
     except Exception as e:
-        write_error(run_dir, e)
+        known = clean_cause(e, clean)
+        write_error(run_dir, e, known or e)
         if multirun:
-            print(f"FAILED {run_dir}: {type(e).__name__}: {e}", file=sys.stderr)
-            raise JobFailed(str(hc.sweep.dir), str(run_dir), f"{type(e).__name__}: {e}") from e
-        if isinstance(e, clean):
-            print(f"error: {e}", file=sys.stderr)
+            print(f"FAILED {run_dir}: {one_line(known or e)}", file=sys.stderr)
+            raise JobFailed(str(hc.sweep.dir), str(run_dir), one_line(known or e)) from e
+        if known is not None:
+            print(f"error: {known}", file=sys.stderr)
             sys.exit(2)
         raise
     m = int(cfg.eval.samples)

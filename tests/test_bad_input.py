@@ -1,0 +1,103 @@
+"""Bad commands are refused with a message that says what is wrong and what is allowed, exit status 2, no
+traceback, and nothing loaded or trained: ``python run.py ...`` in a subprocess, as a user would type it.
+
+Every command points ``data.root`` at a folder that does not exist with downloads off: had any data been
+loaded, the message would be a DataError about missing files instead of the expected one. The last case
+checks that a DataError itself is reported the same clean way.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MISSING = "/nonexistent/gradest-data"
+
+
+def run_env() -> dict[str, str]:
+    """The test process's environment, with a bytecode cache (imports are most of a run's time here) and one
+    torch thread per process."""
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.setdefault("PYTHONPYCACHEPREFIX", str(Path(tempfile.gettempdir()) / "gradest-pycache"))
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def run_py(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=run_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def have(group: str, name: str) -> bool:
+    return (ROOT / "conf" / group / f"{name}.yaml").exists()
+
+
+# (id, arguments, strings the message must contain)
+CASES = [
+    ("unknown-estimator", ["estimator=foo"], ["unknown estimator 'foo'", "choose one of:", "reinforce", "reinforce_ma"]),
+    ("unknown-model", ["model=nope"], ["unknown model 'nope'", "sbn", "vae"]),
+    ("unknown-preset", ["experiment=nope"], ["unknown experiment 'nope'", "choose one of:"]),
+    ("unknown-in-sweep", ["-m", "estimator=reinforce,foo"], ["unknown estimator 'foo'", "reinforce_ma"]),
+    ("unknown-data", ["data=cifar"], ["unknown data 'cifar'", "binarized_mnist"]),
+    ("negative-lr", ["optim.lr=-0.1"], ["optim.lr=-0.1 is out of range", "> 0"]),
+    ("zero-eval-samples", ["eval.samples=0"], ["eval.samples=0 is out of range", ">= 1"]),
+    ("one-variance-sample", ["variance.samples=1"], ["variance.samples=1 is out of range", ">= 2"]),
+    ("zero-batch", ["train.batch_size=0"], ["train.batch_size=0 is out of range", ">= 1"]),
+    ("negative-steps", ["train.steps=-5"], ["train.steps=-5 is out of range", ">= 0"]),
+    ("bad-decay", ["estimator=reinforce_ma", "estimator.decay=1.5"], ["estimator.decay=1.5 is out of range", "[0, 1)"]),
+    ("bad-logger-mode", ["logger.mode=sometimes"], ["logger.mode='sometimes' is out of range", "offline"]),
+    ("bad-device", ["device=gpu7"], ["device='gpu7' is out of range", "cuda:N"]),
+    ("zero-components", ["model=mixture_vae", "estimator=implicit_mixture", "model.components=0"],
+     ["model.components=0 is out of range", "an integer >= 1"]),
+    ("estimator-cannot-serve", ["model=sbn", "estimator=reparam"],
+     ["estimator 'reparam' cannot serve model 'sbn'", "bernoulli latents", "Estimators that can:", "reinforce"]),
+    ("muprop-on-mixture", ["model=mixture_vae", "estimator=muprop"],
+     ["estimator 'muprop' cannot serve model 'mixture_vae'", "mixture latents", "Estimators that can:"]),
+    ("basket-cannot-serve", ["model=sbn", "estimator=reinforce", "variance.basket=[reparam]"],
+     ["variance.basket[reparam] 'reparam' cannot serve model 'sbn'"]),
+    ("loo-needs-two-samples", ["estimator=reinforce_loo", "estimator.n_samples=1"],
+     ["estimator.n_samples=1 is out of range", ">= 2"]),
+    ("biased-bias-reference", ["+runner=trajectory", "variance.bias.reference=st"],
+     ["variance.bias.reference='st' is a biased estimator", "Unbiased estimators for this model:"]),
+]
+NEEDS = {"zero-components": ("model", "mixture_vae"), "muprop-on-mixture": ("model", "mixture_vae"),
+         "loo-needs-two-samples": ("estimator", "reinforce_loo"), "biased-bias-reference": ("estimator", "st")}
+
+
+@pytest.mark.parametrize("args,expected", [pytest.param(a, e, id=i) for i, a, e in CASES])
+def test_bad_command_is_refused(tmp_path, request, args, expected):
+    need = NEEDS.get(request.node.callspec.id)
+    if need and not have(*need):
+        pytest.skip(f"conf/{need[0]}/{need[1]}.yaml not in this checkout")
+    run_dir = tmp_path / "run"
+    where = f"hydra.sweep.dir={tmp_path / 'sweep'}" if "-m" in args else f"hydra.run.dir={run_dir}"
+    proc = run_py([*args, f"data.root={MISSING}", "data.download=false", "logger=disabled", where])
+    if "-m" not in args:  # a sweep's jobs would each fail; the pre-check refuses it before any job
+        assert proc.returncode == 2, proc.stderr
+    else:
+        assert proc.returncode == 2 and not (tmp_path / "sweep").exists(), proc.stderr
+    err = proc.stderr
+    assert err.startswith("error: ") or "\nerror: " in err, err
+    for text in expected:
+        assert text in err, f"{text!r} not in:\n{err}"
+    assert "Traceback" not in err and "DataError" not in err and "Set the environment variable" not in err, err
+    assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_missing_data_is_a_clean_error(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_py([f"data.root={tmp_path / 'no-data'}", "data.download=false", "logger=disabled",
+                   f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert "data.root" in proc.stderr  # the message says how to point the runner at the data
+    assert not (run_dir / "checkpoint.pt").exists()
+    assert (run_dir / "error.txt").read_text().startswith("DataError")  # the traceback is kept in the run dir
