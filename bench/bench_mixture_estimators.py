@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 from models.mixture_vae import MixtureVAE  # noqa: E402
 from runners.train import train  # noqa: E402
 
-ESTIMATORS = ["implicit_mixture", "graves_mixture", "mixture_score", "mixture_gumbel", "mixture_exact"]
+ESTIMATORS = ["implicit_mixture", "graves_mixture", "mixture_score", "mixture_gumbel", "mixture_gumbel_st",
+              "mixture_exact"]
 
 
 def compose_cfg(overrides: list[str]) -> DictConfig:

@@ -179,7 +179,7 @@ class MixtureSVI(LatentVariableModel):
             ax.imshow(img.numpy(), origin="lower", extent=extent, cmap="viridis")
             ax.set_title(title)
         ax = fig.add_subplot(1, 3, 3)
-        ax.contour(gx.cpu().numpy(), gy.cpu().numpy(), p.numpy(), levels=8, cmap="Greys")
+        ax.contour(gx.cpu().numpy(), gy.cpu().numpy(), p.numpy(), levels=6, cmap="Greys", linewidths=0.6)
         ax.scatter(samples[:, 0], samples[:, 1], s=3, alpha=0.5, color="tab:red")
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
