@@ -51,6 +51,11 @@ class Run:
     optimizer: torch.optim.Optimizer
     device: torch.device
     reference: Estimator | None = None  # variance.bias.reference: the unbiased estimator bias is measured against
+    basket_optimizer: torch.optim.Optimizer | None = None  # trains the basket estimators' own nets (IDB)
+
+    def measured(self, name: str) -> dict[str, Estimator]:
+        """The estimators measured at each ``variance.every``: the running one (``name``) and the basket."""
+        return {**self.basket, name: self.estimator}
 
 
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module, estimator: torch.nn.Module) -> torch.optim.Optimizer:
@@ -78,18 +83,22 @@ def build(cfg: DictConfig) -> Run:
     data = instantiate(cfg.data, device=device)
     model = instantiate(cfg.model, x_dim=data.x_dim, train_mean=data.train_mean.to(device)).to(device)
     estimator = instantiate(cfg.estimator, context_dim=model.context_dim).to(device)
-    basket = {
+    basket = {  # the running estimator is measured as itself (with its trained state), not as a fresh copy
         name: instantiate(load_estimator_config(name), context_dim=model.context_dim).to(device)
-        for name in cfg.variance.basket
+        for name in cfg.variance.basket if name != cfg.estimator.name
     }
     optimizer = build_optimizer(cfg.optim, model, estimator)
+    basket_params = [p for est in basket.values() for p in est.parameters()]
+    basket_optimizer = None
+    if basket_params:  # same optimiser and rate as the running estimator's own nets
+        basket_optimizer = build_optimizer(cfg.optim, torch.nn.Module(), torch.nn.ParameterList(basket_params))
     reference = None
     if cfg.variance.get("bias") is not None:
         ref_name = cfg.variance.bias.reference
         reference = instantiate(load_estimator_config(ref_name), context_dim=model.context_dim).to(device)
         if not getattr(reference, "unbiased", False):  # e.g. REINFORCE with a normalised signal
             raise ConfigError(f"variance.bias.reference={ref_name!r} is biased as configured: choose an unbiased one")
-    return Run(data, model, estimator, basket, optimizer, device, reference)
+    return Run(data, model, estimator, basket, optimizer, device, reference, basket_optimizer)
 
 
 @torch.no_grad()
@@ -123,6 +132,8 @@ def save_checkpoint(path: Path, run: Run, step: int, batch_gen: torch.Generator,
             "batch_gen": batch_gen.get_state(),
             "metrics_lines": logger.lines,
             "elapsed": elapsed,
+            "basket": {name: est.state_dict() for name, est in run.basket.items()},
+            "basket_optimizer": run.basket_optimizer.state_dict() if run.basket_optimizer else None,
         },
         path,
     )
@@ -149,6 +160,11 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
         opt.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         batch_gen.set_state(ckpt["batch_gen"])
+        for name, state in ckpt.get("basket", {}).items():
+            if name in run.basket:
+                run.basket[name].load_state_dict(state)
+        if run.basket_optimizer is not None and ckpt.get("basket_optimizer") is not None:
+            run.basket_optimizer.load_state_dict(ckpt["basket_optimizer"])
         start, elapsed, resume_lines = int(ckpt["step"]), float(ckpt["elapsed"]), int(ckpt["metrics_lines"])
         print(f"resuming from {ckpt_path} at step {start}")
 
@@ -195,11 +211,11 @@ def _loop(cfg, run: Run, logger: RunLogger, train_split, val_split, test_split, 
                 var_batch = train_split.sample_batch(int(var_cfg.batch_size),
                                                      torch.Generator().manual_seed(int(cfg.seed) + 1))
             metrics = {}
-            for name, est in {cfg.estimator.name: estimator, **run.basket}.items():
+            for name, est in run.measured(cfg.estimator.name).items():
                 stats = gradient_variance(model, est, var_batch, int(var_cfg.samples), seed=step)
                 metrics.update({f"grad/{name}/{k}": v for k, v in stats.items()})
             if run.reference is not None:  # bias against the unbiased reference (runners/trajectory.py)
-                metrics.update(bias_metrics(model, {cfg.estimator.name: estimator, **run.basket}, var_batch,
+                metrics.update(bias_metrics(model, run.measured(cfg.estimator.name), var_batch,
                                             int(var_cfg.samples), run.reference, int(var_cfg.bias.samples), seed=step))
             last_var = metrics.get(f"grad/{cfg.estimator.name}/log10_var", float("nan"))
             logger.log(metrics, step)
@@ -210,6 +226,8 @@ def _loop(cfg, run: Run, logger: RunLogger, train_split, val_split, test_split, 
         est.surrogate.backward()
         opt.step()
         estimator.step += 1
+        if run.basket:
+            follow_trajectory(run, model, x)
         done = step + 1
         train_elbo = -est.cost.mean().item()
         if not math.isfinite(train_elbo):
@@ -249,6 +267,31 @@ def _loop(cfg, run: Run, logger: RunLogger, train_split, val_split, test_split, 
     atomic_json(summary, run_dir / SUMMARY)
     (run_dir / DONE).write_text("finished\n")  # written last: a sweep skips runs that have it
     return summary
+
+
+def follow_trajectory(run: Run, model: LatentVariableModel, x: torch.Tensor) -> None:
+    """Let the basket estimators' running state learn along the trajectory (runners/trajectory.py).
+
+    Each basket estimator sees the training minibatch as if it were the one training: its moving averages are
+    updated, its own nets (input-dependent baselines) take a step on their own loss, its schedule advances.
+    The model is not touched (only the estimators' parameters are differentiated) and the RNG is forked, so
+    the trajectory is the running estimator's alone. Without this, a stateful estimator in the basket would be
+    measured with its initial state (e.g. REINFORCE with a moving-average baseline stuck at zero).
+    """
+    device = x.device
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        losses = []
+        for est in run.basket.values():
+            out = est(model.cost_fn(x), model.context(x))
+            if any(True for _ in est.parameters()):
+                losses.append(out.surrogate)
+            est.step += 1
+        if run.basket_optimizer is not None and losses:
+            params = [p for group in run.basket_optimizer.param_groups for p in group["params"]]
+            grads = torch.autograd.grad(sum(losses), params, allow_unused=True)  # estimator nets only
+            for p, g in zip(params, grads):
+                p.grad = g
+            run.basket_optimizer.step()
 
 
 @torch.no_grad()

@@ -15,9 +15,16 @@ against a designated unbiased reference estimator averaged over many more draws 
 
 Metrics ``bias/<name>/{z2, rel_sq, cos}`` go to the same metrics.jsonl at the same step. ``z2`` is a
 per-parameter average of squared z-scores: parameters are correlated, so it is not chi-square with P degrees of
-freedom, but its expectation is 1 for an unbiased estimator whatever the correlation; a value of a few is
-already a clear sign with P in the thousands and M = 100. On a tiny SBN the exact gradient (enumeration of
-all latent states, tests/exact.py) can be passed as the reference instead: then R = infinity, var(r) = 0.
+freedom, but its expectation for an unbiased estimator is 1 whatever the correlation, up to the small-sample
+inflation of a z-score built on estimated variances (about (M-1)/(M-3): 1.12 for M = 20, 1.02 for M = 100);
+a value of a few is a clear sign of bias. On a tiny SBN the exact gradient (enumeration of all latent states,
+tests/exact.py) can be passed as the reference instead: then R = infinity, var(r) = 0.
+
+Basket estimators with running state (moving-average baselines, input-dependent baseline nets, temperature
+schedules) follow the trajectory too: runners/train.py ``follow_trajectory`` feeds each of them every training
+minibatch (updating its averages, stepping its own nets, advancing its step) without touching the model, so
+each is measured as it would be had it been training, not at its initial state. That costs one forward pass
+(and a backward through the estimator's own nets) per basket estimator per step.
 
 Measuring changes nothing in training: estimator state (moving averages, step) is restored and the RNG forked,
 as in runners/variance.py.

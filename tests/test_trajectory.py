@@ -92,27 +92,34 @@ def compose_cfg(overrides: list[str]):
 
 
 def test_basket_and_bias_along_one_trajectory(tmp_path):
-    """Measurements go to metrics.jsonl at the same step, and training is the same with or without them."""
+    """Measurements go to metrics.jsonl at the same step; a stateful basket estimator (moving-average baseline)
+    learns its state along the trajectory; and training is the same with or without any of it."""
     from runners.train import train
 
     torch.set_num_threads(1)
     root = write_binarized_mnist(tmp_path / "data")
     base = [f"data.root={root}", "data.verify=false", "data.download=false", "logger=disabled", "quiet=true",
-            "model=sbn", "model.layers=[8]", "estimator=reinforce_ma", "train.steps=12", "train.batch_size=10",
+            "model=sbn", "model.layers=[8]", "estimator=reinforce", "train.steps=12", "train.batch_size=10",
             "train.eval_every=6", "train.log_every=2", "eval.samples=3", "eval.chunk=3"]
     train(compose_cfg([*base, "variance.every=0"]), tmp_path / "plain")
     train(compose_cfg([*base, "+runner=trajectory", "variance.every=6", "variance.samples=4",
-                       "variance.basket=[reinforce]", "variance.bias.samples=8"]), tmp_path / "measured")
+                       "variance.basket=[reinforce_ma]", "variance.bias.samples=8"]), tmp_path / "measured")
 
     def records(d: Path) -> list[dict]:
         return [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
 
     measured = records(tmp_path / "measured")
-    at = [r for r in measured if "bias/reinforce_ma/z2" in r]
+    at = [r for r in measured if "bias/reinforce/z2" in r]
     assert [r["step"] for r in at] == [0, 6]
     for r in at:
-        for key in ("grad/reinforce_ma/log10_var", "grad/reinforce/log10_var", "bias/reinforce/z2",
-                    "bias/reinforce/rel_sq", "bias/reinforce_ma/cos"):
+        for key in ("grad/reinforce/log10_var", "grad/reinforce_ma/log10_var", "bias/reinforce/z2",
+                    "bias/reinforce_ma/z2", "bias/reinforce_ma/rel_sq", "bias/reinforce/cos"):
             assert key in r, key
+    # at step 0 the moving average has seen nothing: reinforce_ma is reinforce, draw for draw; after six
+    # training minibatches its baseline is learned, so it differs
+    assert at[0]["grad/reinforce_ma/log10_var"] == at[0]["grad/reinforce/log10_var"]
+    assert at[1]["grad/reinforce_ma/log10_var"] != at[1]["grad/reinforce/log10_var"]
+    state = torch.load(tmp_path / "measured" / "checkpoint.pt", weights_only=False)["basket"]["reinforce_ma"]
+    assert state["step"] == 12 and bool(state["signal.mean.initialised"])
     train_of = lambda recs: [(r["step"], r["train/elbo"]) for r in recs if "train/elbo" in r]  # noqa: E731
     assert train_of(measured) == train_of(records(tmp_path / "plain"))  # measuring changed nothing
