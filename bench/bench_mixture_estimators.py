@@ -10,8 +10,10 @@
    as ``python run.py experiment=mixture_vae estimator=<e> train.steps=<steps> data.root=<root>``), each in
    its own run directory with ``metrics.jsonl``; the table lists train/val ELBO along the way and the final
    test ELBO and importance-weighted bound.
+3. SVI (``--svi-steps``). ``experiment=mixture_svi_ring`` and ``mixture_svi_gmm10`` per estimator: KL(q || p) of
+   the fitted mixture (``MixtureSVI.kl_to_target``, 20k samples) and, for the ring, ``fit_<estimator>.png``.
 
-    python bench/bench_mixture_estimators.py --data-root /work/shared/data --steps 500
+    python bench/bench_mixture_estimators.py --data-root /work/shared/data --steps 500 --svi-steps 1500
 """
 
 from __future__ import annotations
@@ -126,6 +128,34 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def svi_table(estimators: list[str], steps: int, out: Path) -> dict:
+    """KL(q || p) after ``steps`` of SVI per estimator, on the ring and the 10-D Gaussian-mixture presets."""
+    table: dict = {}
+    for preset in ["mixture_svi_ring", "mixture_svi_gmm10"]:
+        for name in estimators:
+            run_dir = out / preset / name
+            cfg = compose_cfg([
+                f"experiment={preset}", f"estimator={name}", "device=cpu", f"train.steps={steps}",
+                f"train.eval_every={steps}", f"train.log_every={max(1, steps // 10)}", "data.n_eval=200",
+                "eval.samples=100", "variance.every=0", "logger.mode=disabled", "quiet=true",
+            ])
+            tick = time.perf_counter()
+            train(cfg, run_dir)
+            model = instantiate(cfg.model, x_dim=1, train_mean=torch.zeros(1))
+            model.load_state_dict(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["model"])
+            torch.manual_seed(0)
+            kl = model.kl_to_target(20000)
+            if model.latent_dim == 2:
+                model.plot(out / preset / f"fit_{name}.png")
+            table.setdefault(preset, {})[name] = {"kl": kl, "wall_s": time.perf_counter() - tick,
+                                                  "weights": torch.softmax(model.logits, -1).tolist()}
+    print(f"\nSVI, {steps} steps, batch 100, Adam lr 1e-2, seed 1: KL(q || p) in nats (20k samples of q)")
+    print(f"{'estimator':<18}" + "".join(f"{p:>20}" for p in table))
+    for name in estimators:
+        print(f"{name:<18}" + "".join(f"{table[p][name]['kl']:>20.4f}" for p in table))
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default="/work/shared/data")
@@ -134,6 +164,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=100, help="minibatch of the variance measurement")
     ap.add_argument("--eval-examples", type=int, default=1000, help="validation / test examples evaluated")
     ap.add_argument("--eval-samples", type=int, default=100, help="m of the final importance-weighted bound")
+    ap.add_argument("--svi-steps", type=int, default=0, help="SVI training steps per estimator and target (0: skip)")
     ap.add_argument("--out", default=None, help="folder for the run directories and results.json")
     ap.add_argument("--estimators", default=",".join(ESTIMATORS))
     args = ap.parse_args()
@@ -188,6 +219,9 @@ def main() -> None:
         model.load_state_dict(state)
         results["variance_trained"] = variance_table(
             model, x, args.draws, f"after {args.steps} steps of {estimators[0]} (same parameters for all)")
+
+    if args.svi_steps > 0:
+        results["svi"] = svi_table(estimators, args.svi_steps, out)
 
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print(f"\nresults: {out / 'results.json'}")
