@@ -27,7 +27,9 @@ class Synthetic(Dataset):
         device: str | torch.device = "cpu",
         name: str = "synthetic",
         root: str | None = None,
-    ):
+        download: bool = True,
+        verify: bool = True,
+    ):  # root, download, verify: accepted and ignored, so the file-dataset overrides work on every preset
         n_eval = n if n_eval is None else n_eval
         if int(n) < 1 or int(n_eval) < 1 or int(x_dim) < 1:
             raise ValueError(f"data.n, data.n_eval and data.x_dim must be >= 1, got {n}, {n_eval}, {x_dim}")

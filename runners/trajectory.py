@@ -3,7 +3,7 @@
 Every ``variance.every`` steps the training loop (runners/train.py) freezes the running model and draws M
 gradient estimates from the running estimator and from every estimator of ``variance.basket``, all at these
 parameters and on one fixed minibatch (runners/variance.py: ``grad/<name>/log10_var``, ``_rec``, ``snr``).
-With ``variance.bias`` set (``+runner=trajectory`` turns it on) this module adds the **bias** of each of them
+With ``variance.bias`` set (``runner=trajectory`` turns it on) this module adds the **bias** of each of them
 against a designated unbiased reference estimator averaged over many more draws (``variance.bias.samples``):
 
     d_p = mean_M(g_p) - mean_R(r_p)            per parameter p (g: the estimator, r: the reference)

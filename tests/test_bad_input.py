@@ -65,7 +65,7 @@ CASES = [
      ["variance.basket[reparam] 'reparam' cannot serve model 'sbn'"]),
     ("loo-needs-two-samples", ["estimator=reinforce_loo", "estimator.n_samples=1"],
      ["estimator.n_samples=1 is out of range", ">= 2"]),
-    ("biased-bias-reference", ["+runner=trajectory", "variance.bias.reference=st"],
+    ("biased-bias-reference", ["runner=trajectory", "variance.bias.reference=st"],
      ["variance.bias.reference='st' is a biased estimator", "Unbiased estimators for this model:"]),
 ]
 NEEDS = {"zero-components": ("model", "mixture_vae"), "muprop-on-mixture": ("model", "mixture_vae"),

@@ -102,7 +102,7 @@ def test_basket_and_bias_along_one_trajectory(tmp_path):
             "model=sbn", "model.layers=[8]", "estimator=reinforce", "train.steps=12", "train.batch_size=10",
             "train.eval_every=6", "train.log_every=2", "eval.samples=3", "eval.chunk=3"]
     train(compose_cfg([*base, "variance.every=0"]), tmp_path / "plain")
-    train(compose_cfg([*base, "+runner=trajectory", "variance.every=6", "variance.samples=4",
+    train(compose_cfg([*base, "runner=trajectory", "variance.every=6", "variance.samples=4",
                        "variance.basket=[reinforce_ma]", "variance.bias.samples=8"]), tmp_path / "measured")
 
     def records(d: Path) -> list[dict]:
