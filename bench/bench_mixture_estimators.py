@@ -124,6 +124,11 @@ def variance_table(model: MixtureVAE, x: torch.Tensor, n_draws: int, title: str)
     return rows
 
 
+def fmt(v: float, digits: int = 2) -> str:
+    """Fixed point for ordinary values; diverged runs (|v| >= 1e5, nan) in short scientific notation."""
+    return f"{v:.{digits}f}" if math.isfinite(v) and abs(v) < 1e5 else f"{v:.3g}"
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -140,7 +145,12 @@ def svi_table(estimators: list[str], steps: int, out: Path) -> dict:
                 "eval.samples=100", "variance.every=0", "logger.mode=disabled", "quiet=true",
             ])
             tick = time.perf_counter()
-            train(cfg, run_dir)
+            try:
+                train(cfg, run_dir)
+            except FloatingPointError as e:  # the soft Gumbel relaxation can drive log q(z) to -inf
+                print(f"{preset} / {name}: diverged ({e})")
+                table.setdefault(preset, {})[name] = {"kl": float("nan"), "diverged": str(e)}
+                continue
             model = instantiate(cfg.model, x_dim=1, train_mean=torch.zeros(1))
             model.load_state_dict(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["model"])
             torch.manual_seed(0)
@@ -152,7 +162,7 @@ def svi_table(estimators: list[str], steps: int, out: Path) -> dict:
     print(f"\nSVI, {steps} steps, batch 100, Adam lr 1e-2, seed 1: KL(q || p) in nats (20k samples of q)")
     print(f"{'estimator':<18}" + "".join(f"{p:>20}" for p in table))
     for name in estimators:
-        print(f"{name:<18}" + "".join(f"{table[p][name]['kl']:>20.4f}" for p in table))
+        print(f"{name:<18}" + "".join(f"{fmt(table[p][name]['kl'], 4):>20}" for p in table))
     return table
 
 
@@ -160,7 +170,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default="/work/shared/data")
     ap.add_argument("--steps", type=int, default=500, help="training steps per estimator (0: variance only)")
-    ap.add_argument("--draws", type=int, default=50, help="M gradient estimates per variance measurement")
+    ap.add_argument("--draws", type=int, default=50, help="M gradient estimates per variance measurement (0: skip)")
     ap.add_argument("--batch", type=int, default=100, help="minibatch of the variance measurement")
     ap.add_argument("--eval-examples", type=int, default=1000, help="validation / test examples evaluated")
     ap.add_argument("--eval-samples", type=int, default=100, help="m of the final importance-weighted bound")
@@ -180,7 +190,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = instantiate(base.model, x_dim=data.x_dim, train_mean=data.train_mean)
     print(f"model: {base.model.name} K={model.components} D={model.latent_dim}; data {data}")
-    results["variance_init"] = variance_table(model, x, args.draws, "at initialisation (seed 0)")
+    if args.draws > 1:
+        results["variance_init"] = variance_table(model, x, args.draws, "at initialisation (seed 0)")
 
     if args.steps > 0:
         n_log = max(1, args.steps // 10)
@@ -209,11 +220,12 @@ def main() -> None:
         for name, c in curves.items():
             tr = {m["step"]: m["train/elbo"] for m in c["metrics"] if "train/elbo" in m}
             s = c["summary"]
-            line = f"{name:<18}" + "".join(f"{tr.get(st, float('nan')):>10.2f}" for st in shown)
-            line += f"{s['val/elbo']:>10.2f}{s['test/elbo']:>10.2f}{s[f'test/bound_{args.eval_samples}']:>11.2f}"
+            line = f"{name:<18}" + "".join(f"{fmt(tr.get(st, float('nan'))):>10}" for st in shown)
+            line += f"{fmt(s['val/elbo']):>10}{fmt(s['test/elbo']):>10}{fmt(s[f'test/bound_{args.eval_samples}']):>11}"
             line += f"{s['train_seconds'] / args.steps:>8.3f}"
             print(line)
 
+    if args.steps > 0 and args.draws > 1:
         ref = out / estimators[0] / "checkpoint.pt"
         state = torch.load(ref, map_location="cpu", weights_only=False)["model"]
         model.load_state_dict(state)
