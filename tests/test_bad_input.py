@@ -26,6 +26,9 @@ def run_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.pop("HYDRA_FULL_ERROR", None)
+    # an in-process wandb.init earlier in the session exports the address of this process's W&B service;
+    # a child must start its own (through ours, a killed run's id would still be "in use" on resume)
+    env.pop("WANDB_SERVICE", None)
     env.setdefault("PYTHONPYCACHEPREFIX", str(Path(tempfile.gettempdir()) / "gradest-pycache"))
     env["OMP_NUM_THREADS"] = "1"
     return env

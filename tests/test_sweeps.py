@@ -167,7 +167,8 @@ def test_kill_and_rerun_resumes_to_the_uninterrupted_metrics(tmp_path, data_root
     again = run_py(cmd)
     assert again.returncode == 1 and "0_sbn_reinforce_ma_s1: ConfigError: optim.lr=-1" in again.stderr, again.stderr
     assert f"resuming from {run_dir / 'checkpoint.pt'} at step {ckpt_step}" in again.stdout
-    assert (run_dir / "DONE").exists()
+    error = (run_dir / "error.txt").read_text() if (run_dir / "error.txt").exists() else ""
+    assert (run_dir / "DONE").exists(), error + again.stderr[-2000:]
 
     resumed = records(run_dir)
     steps_of = lambda recs: [(r["step"], tuple(sorted(k for k in r if k != "time/elapsed"))) for r in recs]  # noqa: E731
