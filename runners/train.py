@@ -107,9 +107,13 @@ def evaluate(model: LatentVariableModel, split, batch_size: int, n_samples: int 
     """Mean over the split of the bound with ``n_samples`` importance samples (1 = the ELBO)."""
     model.eval()
     total, count = 0.0, 0
-    for x in split.batches(batch_size):
-        if max_examples is not None and count >= max_examples:
-            break
+    if max_examples is not None and max_examples < split.n:
+        # evenly spaced examples, not the first N: the test file is ordered (its first images are harder)
+        idx = torch.linspace(0, split.n - 1, int(max_examples)).long()  # [N']
+        batches = (split.batch(i) for i in idx.split(batch_size))
+    else:
+        batches = split.batches(batch_size)
+    for x in batches:
         if n_samples == 1:
             b = model.elbo(x)  # [B]
         else:
@@ -250,7 +254,12 @@ def _loop(cfg, run: Run, logger: RunLogger, train_split, val_split, test_split, 
         "test/elbo": evaluate(model, test_split, bs, 1, max_examples=limit),
         f"test/bound_{m}": evaluate(model, test_split, bs, m, int(ev.chunk), max_examples=limit),
     }
+    if hasattr(model, "kl_to_target"):  # SVI of a target with a known normaliser (models/mixture_svi.py)
+        result["test/kl_to_target"] = float(model.kl_to_target())
     logger.log(result, steps)
+    if hasattr(model, "plot"):  # target and fitted density, saved with the run and logged to W&B
+        path = model.plot(run_dir / "density.png")
+        logger.log_images("density", str(path), steps, caption="target and fitted density")
     columns = ["model", "estimator", "seed", "steps", "test/elbo", f"test/bound_{m}", "train_seconds"]
     logger.log_table("test/table", columns, [[cfg.model.name, cfg.estimator.name, int(cfg.seed), steps,
                                               result["test/elbo"], result[f"test/bound_{m}"], elapsed]], steps)
