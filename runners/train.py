@@ -257,7 +257,7 @@ def _loop(cfg, run: Run, logger: RunLogger, train_split, val_split, test_split, 
     if hasattr(model, "kl_to_target"):  # SVI of a target with a known normaliser (models/mixture_svi.py)
         result["test/kl_to_target"] = float(model.kl_to_target())
     logger.log(result, steps)
-    if hasattr(model, "plot"):  # target and fitted density, saved with the run and logged to W&B
+    if hasattr(model, "plot") and getattr(model, "latent_dim", 2) == 2:  # 2-D: target and fitted density
         path = model.plot(run_dir / "density.png")
         logger.log_images("density", str(path), steps, caption="target and fitted density")
     columns = ["model", "estimator", "seed", "steps", "test/elbo", f"test/bound_{m}", "train_seconds"]
