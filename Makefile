@@ -44,6 +44,7 @@ format: install ## ruff fix and format
 
 bench: install ## benchmarks: training steps/s per model and estimator, variance-measurement time, mixture rsample
 	$(UV) run --frozen python bench/bench_train.py
+	$(UV) run --frozen python bench/bench_estimators.py
 	$(UV) run --frozen python bench/bench_mixture.py --quick
 
 clean: ## remove the environment and run outputs (keeps nothing under outputs/)

@@ -42,10 +42,14 @@ class JobFailed(CompactHydraException):
 
     def __str__(self) -> str:
         failed = failed_jobs(Path(self.sweep_dir)) or [(Path(self.run_dir), self.message)]
-        lines = [f"error: {len(failed)} job(s) of the sweep in {self.sweep_dir} failed (the others ran to the end):"]
+        lines = [
+            f"error: {len(failed)} job(s) of the sweep in {self.sweep_dir} failed (the others ran to the end):"
+        ]
         lines += [f"  {d.name}: {msg}" for d, msg in failed]
-        lines.append(f"tracebacks: <run dir>/{ERROR_FILE}; re-run the same command to retry them (finished jobs are "
-                     f"skipped, interrupted ones resume)")
+        lines.append(
+            f"tracebacks: <run dir>/{ERROR_FILE}; re-run the same command to retry them (finished jobs are "
+            f"skipped, interrupted ones resume)"
+        )
         return "\n".join(lines)
 
 
@@ -70,9 +74,11 @@ def write_error(run_dir: Path, e: BaseException, headline: BaseException) -> Non
     command's overrides, then the full traceback of ``e``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = " ".join(HydraConfig.get().overrides.task)
-    text = (f"{one_line(headline)}\n"
-            f"overrides: {overrides}\nat: {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n"
-            + "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+    text = (
+        f"{one_line(headline)}\n"
+        f"overrides: {overrides}\nat: {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n"
+        + "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    )
     (run_dir / ERROR_FILE).write_text(text, encoding="utf-8")
 
 
@@ -109,7 +115,11 @@ def main(cfg: DictConfig) -> dict | None:
     multirun = hc.mode == RunMode.MULTIRUN
     if (run_dir / DONE).exists():
         print(f"already finished: {run_dir} (delete {run_dir / DONE} to run again)")
-        return OmegaConf.to_container(OmegaConf.load(run_dir / SUMMARY)) if (run_dir / SUMMARY).exists() else None
+        return (
+            OmegaConf.to_container(OmegaConf.load(run_dir / SUMMARY))
+            if (run_dir / SUMMARY).exists()
+            else None
+        )
     (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a retry starts clean
     clean = (ConfigError,)
     try:
@@ -130,7 +140,9 @@ def main(cfg: DictConfig) -> dict | None:
             sys.exit(2)
         raise
     m = int(cfg.eval.samples)
-    print(f"\ntest ELBO {summary['test/elbo']:.2f} nats, test bound (m={m}) {summary[f'test/bound_{m}']:.2f} nats")
+    print(
+        f"\ntest ELBO {summary['test/elbo']:.2f} nats, test bound (m={m}) {summary[f'test/bound_{m}']:.2f} nats"
+    )
     print(f"run directory: {run_dir}  ({SUMMARY}, metrics.jsonl, checkpoint.pt)")
     if summary.get("wandb_sync"):
         print(f"upload to W&B: {summary['wandb_sync']}")

@@ -102,14 +102,20 @@ def main() -> None:
         var_log[name] = stats["log10_var"]
 
     st = statistics.median(times["st"])
-    print(f"SBN 200-200-784 (linear), B={args.batch}, device={device}, threads={args.threads}, "
-          f"median of {args.rounds} interleaved rounds after {args.warmup} warm-up")
-    print(f"{'estimator':<18}{'step ms':>10}{'x ST':>8}{'min ms':>10}{'var(M=' + str(args.variance_draws) + ') s':>14}"
-          f"{'log10 var':>11}")
+    print(
+        f"SBN 200-200-784 (linear), B={args.batch}, device={device}, threads={args.threads}, "
+        f"median of {args.rounds} interleaved rounds after {args.warmup} warm-up"
+    )
+    print(
+        f"{'estimator':<18}{'step ms':>10}{'x ST':>8}{'min ms':>10}{'var(M=' + str(args.variance_draws) + ') s':>14}"
+        f"{'log10 var':>11}"
+    )
     for name in names:
         med = statistics.median(times[name])
-        print(f"{name:<18}{1e3 * med:>10.2f}{med / st:>8.2f}{1e3 * min(times[name]):>10.2f}{var_time[name]:>14.2f}"
-              f"{var_log[name]:>11.2f}")
+        print(
+            f"{name:<18}{1e3 * med:>10.2f}{med / st:>8.2f}{1e3 * min(times[name]):>10.2f}{var_time[name]:>14.2f}"
+            f"{var_log[name]:>11.2f}"
+        )
 
 
 if __name__ == "__main__":

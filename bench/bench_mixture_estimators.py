@@ -38,8 +38,14 @@ sys.path.insert(0, str(ROOT))
 from models.mixture_vae import MixtureVAE  # noqa: E402
 from runners.train import train  # noqa: E402
 
-ESTIMATORS = ["implicit_mixture", "graves_mixture", "mixture_score", "mixture_gumbel", "mixture_gumbel_st",
-              "mixture_exact"]
+ESTIMATORS = [
+    "implicit_mixture",
+    "graves_mixture",
+    "mixture_score",
+    "mixture_gumbel",
+    "mixture_gumbel_st",
+    "mixture_exact",
+]
 
 
 def compose_cfg(overrides: list[str]) -> DictConfig:
@@ -56,7 +62,9 @@ def parameter_groups(model: MixtureVAE) -> dict[str, torch.Tensor]:
     row_group = {"logits": rows < k, "loc": (rows >= k) & (rows < k + k * d), "scale": rows >= k + k * d}
     enc = {id(p) for p in model.encoder.parameters()}
     dec = {id(p) for p in model.decoder.parameters()}
-    masks: dict[str, list[torch.Tensor]] = {g: [] for g in ["logits", "loc", "scale", "encoder", "decoder", "all"]}
+    masks: dict[str, list[torch.Tensor]] = {
+        g: [] for g in ["logits", "loc", "scale", "encoder", "decoder", "all"]
+    }
     for p in model.parameters():
         n = p.numel()
         for g in ["logits", "loc", "scale"]:
@@ -72,7 +80,9 @@ def parameter_groups(model: MixtureVAE) -> dict[str, torch.Tensor]:
     return {g: torch.cat(m) for g, m in masks.items()}
 
 
-def group_variance(model: MixtureVAE, estimator, x: torch.Tensor, n_draws: int, seed: int = 0) -> dict[str, float]:
+def group_variance(
+    model: MixtureVAE, estimator, x: torch.Tensor, n_draws: int, seed: int = 0
+) -> dict[str, float]:
     """Mean per-parameter variance of ``n_draws`` gradient estimates, per parameter group; and seconds per draw."""
     params = list(model.parameters())
     masks = parameter_groups(model)
@@ -84,8 +94,9 @@ def group_variance(model: MixtureVAE, estimator, x: torch.Tensor, n_draws: int, 
         for _ in range(n_draws):
             est = estimator(model.cost_fn(x), model.context(x))
             grads = torch.autograd.grad(est.surrogate, params, allow_unused=True)
-            g = torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1)
-                           for gi, p in zip(grads, params)]).double()  # [P]
+            g = torch.cat(
+                [(gi if gi is not None else torch.zeros_like(p)).reshape(-1) for gi, p in zip(grads, params)]
+            ).double()  # [P]
             total = g if total is None else total + g
             total_sq = g * g if total_sq is None else total_sq + g * g
     seconds = (time.perf_counter() - tick) / n_draws
@@ -119,8 +130,11 @@ def variance_table(model: MixtureVAE, x: torch.Tensor, n_draws: int, title: str)
     print(f"\n{title}: log10 mean per-parameter gradient variance, M = {n_draws} draws, B = {x.shape[0]}")
     print(f"{'estimator':<18}" + "".join(f"{g:>10}" for g in groups) + f"{'s/draw':>9}")
     for r in rows:
-        print(f"{r['estimator']:<18}" + "".join(f"{math.log10(r[g]) if r[g] > 0 else float('-inf'):>10.3f}"
-                                                   for g in groups) + f"{r['seconds']:>9.3f}")
+        print(
+            f"{r['estimator']:<18}"
+            + "".join(f"{math.log10(r[g]) if r[g] > 0 else float('-inf'):>10.3f}" for g in groups)
+            + f"{r['seconds']:>9.3f}"
+        )
     return rows
 
 
@@ -139,11 +153,21 @@ def svi_table(estimators: list[str], steps: int, out: Path) -> dict:
     for preset in ["mixture_svi_ring", "mixture_svi_gmm10"]:
         for name in estimators:
             run_dir = out / preset / name
-            cfg = compose_cfg([
-                f"experiment={preset}", f"estimator={name}", "device=cpu", f"train.steps={steps}",
-                f"train.eval_every={steps}", f"train.log_every={max(1, steps // 10)}", "data.n_eval=200",
-                "eval.samples=100", "variance.every=0", "logger.mode=disabled", "quiet=true",
-            ])
+            cfg = compose_cfg(
+                [
+                    f"experiment={preset}",
+                    f"estimator={name}",
+                    "device=cpu",
+                    f"train.steps={steps}",
+                    f"train.eval_every={steps}",
+                    f"train.log_every={max(1, steps // 10)}",
+                    "data.n_eval=200",
+                    "eval.samples=100",
+                    "variance.every=0",
+                    "logger.mode=disabled",
+                    "quiet=true",
+                ]
+            )
             tick = time.perf_counter()
             try:
                 train(cfg, run_dir)
@@ -152,13 +176,18 @@ def svi_table(estimators: list[str], steps: int, out: Path) -> dict:
                 table.setdefault(preset, {})[name] = {"kl": float("nan"), "diverged": str(e)}
                 continue
             model = instantiate(cfg.model, x_dim=1, train_mean=torch.zeros(1))
-            model.load_state_dict(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["model"])
+            model.load_state_dict(
+                torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+            )
             torch.manual_seed(0)
             kl = model.kl_to_target(20000)
             if model.latent_dim == 2:
                 model.plot(out / preset / f"fit_{name}.png")
-            table.setdefault(preset, {})[name] = {"kl": kl, "wall_s": time.perf_counter() - tick,
-                                                  "weights": torch.softmax(model.logits, -1).tolist()}
+            table.setdefault(preset, {})[name] = {
+                "kl": kl,
+                "wall_s": time.perf_counter() - tick,
+                "weights": torch.softmax(model.logits, -1).tolist(),
+            }
     print(f"\nSVI, {steps} steps, batch 100, Adam lr 1e-2, seed 1: KL(q || p) in nats (20k samples of q)")
     print(f"{'estimator':<18}" + "".join(f"{p:>20}" for p in table))
     for name in estimators:
@@ -170,17 +199,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default="/work/shared/data")
     ap.add_argument("--steps", type=int, default=500, help="training steps per estimator (0: variance only)")
-    ap.add_argument("--draws", type=int, default=50, help="M gradient estimates per variance measurement (0: skip)")
+    ap.add_argument(
+        "--draws", type=int, default=50, help="M gradient estimates per variance measurement (0: skip)"
+    )
     ap.add_argument("--batch", type=int, default=100, help="minibatch of the variance measurement")
     ap.add_argument("--eval-examples", type=int, default=1000, help="validation / test examples evaluated")
     ap.add_argument("--eval-samples", type=int, default=100, help="m of the final importance-weighted bound")
-    ap.add_argument("--svi-steps", type=int, default=0, help="SVI training steps per estimator and target (0: skip)")
+    ap.add_argument(
+        "--svi-steps", type=int, default=0, help="SVI training steps per estimator and target (0: skip)"
+    )
     ap.add_argument("--out", default=None, help="folder for the run directories and results.json")
     ap.add_argument("--estimators", default=",".join(ESTIMATORS))
     args = ap.parse_args()
     estimators = args.estimators.split(",")
     ESTIMATORS[:] = estimators
-    out = Path(args.out or ROOT / "outputs" / "bench" / f"mixture_estimators_{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    out = Path(
+        args.out or ROOT / "outputs" / "bench" / f"mixture_estimators_{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"args": vars(args)}
 
@@ -198,19 +233,36 @@ def main() -> None:
         curves = {}
         for name in estimators:
             run_dir = out / name
-            cfg = compose_cfg([
-                "experiment=mixture_vae", f"estimator={name}", f"data.root={args.data_root}", "device=cpu",
-                f"train.steps={args.steps}", f"train.eval_every={max(1, args.steps // 5)}", f"train.log_every={n_log}",
-                f"train.val_examples={args.eval_examples}", f"eval.test_examples={args.eval_examples}",
-                f"eval.samples={args.eval_samples}", "variance.every=0", "logger.mode=disabled", "quiet=true",
-            ])
+            cfg = compose_cfg(
+                [
+                    "experiment=mixture_vae",
+                    f"estimator={name}",
+                    f"data.root={args.data_root}",
+                    "device=cpu",
+                    f"train.steps={args.steps}",
+                    f"train.eval_every={max(1, args.steps // 5)}",
+                    f"train.log_every={n_log}",
+                    f"train.val_examples={args.eval_examples}",
+                    f"eval.test_examples={args.eval_examples}",
+                    f"eval.samples={args.eval_samples}",
+                    "variance.every=0",
+                    "logger.mode=disabled",
+                    "quiet=true",
+                ]
+            )
             tick = time.perf_counter()
             summary = train(cfg, run_dir)
-            curves[name] = {"summary": summary, "metrics": read_metrics(run_dir), "wall_s": time.perf_counter() - tick}
+            curves[name] = {
+                "summary": summary,
+                "metrics": read_metrics(run_dir),
+                "wall_s": time.perf_counter() - tick,
+            }
         results["training"] = {k: {"summary": v["summary"], "wall_s": v["wall_s"]} for k, v in curves.items()}
 
-        print(f"\nmixture VAE training, {args.steps} steps, batch 100, Adam lr {base.optim.lr}; "
-              f"ELBO in nats (train: one minibatch; val/test: first {args.eval_examples} examples)")
+        print(
+            f"\nmixture VAE training, {args.steps} steps, batch 100, Adam lr {base.optim.lr}; "
+            f"ELBO in nats (train: one minibatch; val/test: first {args.eval_examples} examples)"
+        )
         log_steps = sorted({m["step"] for m in curves[estimators[0]]["metrics"] if "train/elbo" in m})
         shown = log_steps[:: max(1, len(log_steps) // 5)] + ([log_steps[-1]] if log_steps else [])
         shown = sorted(set(shown))
@@ -230,7 +282,8 @@ def main() -> None:
         state = torch.load(ref, map_location="cpu", weights_only=False)["model"]
         model.load_state_dict(state)
         results["variance_trained"] = variance_table(
-            model, x, args.draws, f"after {args.steps} steps of {estimators[0]} (same parameters for all)")
+            model, x, args.draws, f"after {args.steps} steps of {estimators[0]} (same parameters for all)"
+        )
 
     if args.svi_steps > 0:
         results["svi"] = svi_table(estimators, args.svi_steps, out)

@@ -50,7 +50,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--models", nargs="*", default=None, help="conf/model names (default: all)")
-    p.add_argument("--estimators", nargs="*", default=None, help="conf/estimator names (default: all compatible)")
+    p.add_argument(
+        "--estimators", nargs="*", default=None, help="conf/estimator names (default: all compatible)"
+    )
     p.add_argument("--variance-samples", type=int, default=100)
     p.add_argument("--device", nargs="*", default=None)
     args = p.parse_args()
@@ -61,20 +63,26 @@ def main() -> None:
         for model_name in args.models or available("model"):
             mcfg = OmegaConf.load(CONF_DIR / "model" / f"{model_name}.yaml")
             kind = target_class(mcfg, model_name).latent_kind
-            names = [n for n in (args.estimators or available("estimator"))
-                     if kind in target_class(OmegaConf.load(CONF_DIR / "estimator" / f"{n}.yaml"), n).supports]
+            names = [
+                n
+                for n in (args.estimators or available("estimator"))
+                if kind in target_class(OmegaConf.load(CONF_DIR / "estimator" / f"{n}.yaml"), n).supports
+            ]
             if not names:
                 continue
             torch.manual_seed(0)
             x_dim = 784 if model_name != "mixture_svi" else 1
             x = torch.bernoulli(torch.full((100, x_dim), 0.13, device=device))  # [B, X]
             print(f"\n== {model_name} ({kind} latents) on {device}, batch 100")
-            print(f"{'estimator':<18}{'ms/step':>10}{'steps/s':>10}{'ratio':>8}{'variance M=' + str(args.variance_samples) + ' (s)':>22}")
+            print(
+                f"{'estimator':<18}{'ms/step':>10}{'steps/s':>10}{'ratio':>8}{'variance M=' + str(args.variance_samples) + ' (s)':>22}"
+            )
             base = None
             for name in names:
                 model = instantiate(mcfg, x_dim=x_dim, train_mean=x.mean(0)).to(device)
-                est = instantiate(OmegaConf.load(CONF_DIR / "estimator" / f"{name}.yaml"),
-                                  context_dim=model.context_dim).to(device)
+                est = instantiate(
+                    OmegaConf.load(CONF_DIR / "estimator" / f"{name}.yaml"), context_dim=model.context_dim
+                ).to(device)
                 t = step_time(model, est, x, args.steps, device)
                 base = base or t
                 sync(device)

@@ -62,8 +62,17 @@ CONF = ROOT / "conf"
 RESULTS = ROOT / "bench" / "results"
 
 # The paper's estimators first (the order of its tables), then the LR variants and later estimators.
-PAPER_VARIANCE_ORDER = ["reinforce", "reinforce_ma", "nvil", "muprop", "muprop_c", "muprop_c_vn", "muprop_c_idb",
-                        "st", "darn"]
+PAPER_VARIANCE_ORDER = [
+    "reinforce",
+    "reinforce_ma",
+    "nvil",
+    "muprop",
+    "muprop_c",
+    "muprop_c_vn",
+    "muprop_c_idb",
+    "st",
+    "darn",
+]
 
 SETUPS = {
     "sbn_200_784": {
@@ -79,8 +88,14 @@ SETUPS = {
         "paper": {"nvil": 63.2, "muprop_c": 57.7, "muprop_c_vn": 56.7, "st": 56.1, "darn": 57.2},
     },
 }
-PAPER_NAME = {"nvil": "LR-C-VN-IDB", "muprop_c": "MuProp-C", "muprop_c_vn": "MuProp-C-VN",
-              "muprop_c_idb": "MuProp-C-IDB", "st": "ST", "darn": "1/2"}
+PAPER_NAME = {
+    "nvil": "LR-C-VN-IDB",
+    "muprop_c": "MuProp-C",
+    "muprop_c_vn": "MuProp-C-VN",
+    "muprop_c_idb": "MuProp-C-IDB",
+    "st": "ST",
+    "darn": "1/2",
+}
 
 
 def compose_cfg(overrides: list[str]):
@@ -95,20 +110,34 @@ def bernoulli_estimators() -> list[str]:
         cls = instantiate(OmegaConf.load(path), _partial_=True).func
         if "bernoulli" in cls.supports:
             found.append(path.stem)
-    return [n for n in PAPER_VARIANCE_ORDER if n in found] + [n for n in found if n not in PAPER_VARIANCE_ORDER]
+    return [n for n in PAPER_VARIANCE_ORDER if n in found] + [
+        n for n in found if n not in PAPER_VARIANCE_ORDER
+    ]
 
 
 def run_overrides(args, setup: dict, estimator: str, steps: int) -> list[str]:
     is_sp = setup["preset"].startswith("muprop_table2")
     m = 100 if is_sp else 1  # SBN: the runner computes the ELBO only; the IW bound is task_iw_bound's
     out = [
-        f"experiment={setup['preset']}", f"estimator={estimator}", f"seed={args.seed}",
-        f"optim={args.optim}", f"optim.lr={args.lr}",
-        f"train.steps={steps}", "train.batch_size=100", f"train.eval_every={max(steps, 1)}",
-        f"train.log_every={max(min(100, steps), 1)}", f"train.val_examples={args.val_examples}",
-        f"eval.samples={m}", "eval.chunk=100", "variance.every=0",
-        "logger=disabled", "quiet=true", "device=cpu",
-        f"data.root={args.data_root}", "data.download=false", "data.verify=false",
+        f"experiment={setup['preset']}",
+        f"estimator={estimator}",
+        f"seed={args.seed}",
+        f"optim={args.optim}",
+        f"optim.lr={args.lr}",
+        f"train.steps={steps}",
+        "train.batch_size=100",
+        f"train.eval_every={max(steps, 1)}",
+        f"train.log_every={max(min(100, steps), 1)}",
+        f"train.val_examples={args.val_examples}",
+        f"eval.samples={m}",
+        "eval.chunk=100",
+        "variance.every=0",
+        "logger=disabled",
+        "quiet=true",
+        "device=cpu",
+        f"data.root={args.data_root}",
+        "data.download=false",
+        "data.verify=false",
     ]
     if args.test_examples is not None:
         out.append(f"eval.test_examples={args.test_examples}")
@@ -118,7 +147,8 @@ def run_overrides(args, setup: dict, estimator: str, steps: int) -> list[str]:
 def needs_warmup(est_cfg, est: torch.nn.Module) -> bool:
     """Estimators with running state that a fresh instance has not learnt yet (C, VN, IDB)."""
     return any(bool(est_cfg.get(k, False)) for k in ("centre", "normalise", "idb")) or any(
-        True for _ in est.parameters())
+        True for _ in est.parameters()
+    )
 
 
 def warm_up(model, est, split, steps: int, lr: float, gen: torch.Generator) -> None:
@@ -154,11 +184,19 @@ def variance_table(args, model, data, names: list[str], est_step: int) -> dict[s
         t1 = time.perf_counter()
         stats = gradient_variance(model, est, x, n_draws=args.draws, seed=args.seed)
         t2 = time.perf_counter()
-        stats.update(n_samples=est.n_samples, warmup_steps=warmed, seconds=t2 - t0,
-                     ms_per_estimate=1000 * (t2 - t1) / args.draws, unbiased=bool(getattr(est, "unbiased", True)))
+        stats.update(
+            n_samples=est.n_samples,
+            warmup_steps=warmed,
+            seconds=t2 - t0,
+            ms_per_estimate=1000 * (t2 - t1) / args.draws,
+            unbiased=bool(getattr(est, "unbiased", True)),
+        )
         out[name] = stats
-        print(f"    {name:16s} log10 var(rec) {stats.get('log10_var_rec', float('nan')):7.3f}  "
-              f"snr(rec) {stats.get('snr_rec', float('nan')):.4f}  ({stats['seconds']:.1f} s)", flush=True)
+        print(
+            f"    {name:16s} log10 var(rec) {stats.get('log10_var_rec', float('nan')):7.3f}  "
+            f"snr(rec) {stats.get('snr_rec', float('nan')):.4f}  ({stats['seconds']:.1f} s)",
+            flush=True,
+        )
     return out
 
 
@@ -181,16 +219,18 @@ def fmt(v: float, nd: int = 2) -> str:
 
 
 def render(results: dict, args) -> str:
-    lines = [f"# MuProp paper measurements\n\ncommand: `{results['command']}` (git {results.get('git_rev')})\n",
-             f"optimiser for the training runs: {args.optim}, lr {args.lr}, batch 100, {args.steps} steps, seed "
-             f"{args.seed} (the paper: SGD momentum 0.9, lr from a grid, long runs of unstated length)\n",
-             f"gradient variance: M = {args.draws} estimates on one fixed training minibatch of 100; warm-up of "
-             f"stateful estimators: {args.warmup} steps (Adam lr {args.warmup_lr} on their own nets). The VN "
-             f"estimators (nvil, muprop_c_vn, reinforce_c_vn) divide the score-function gradient by max(1, sqrt(v)), "
-             f"so their variance is that of a rescaled gradient; the SNR is scale-free. ms / estimate is wall time "
-             f"on a shared machine ({args.workers} workers, {args.threads} thread each). For a parameter whose "
-             f"mean gradient is 0, E|mean|/std is about sqrt(2 / (pi M)) = {math.sqrt(2 / (math.pi * args.draws)):.3f}"
-             f": SNR values near that are the noise floor of M draws.\n"]
+    lines = [
+        f"# MuProp paper measurements\n\ncommand: `{results['command']}` (git {results.get('git_rev')})\n",
+        f"optimiser for the training runs: {args.optim}, lr {args.lr}, batch 100, {args.steps} steps, seed "
+        f"{args.seed} (the paper: SGD momentum 0.9, lr from a grid, long runs of unstated length)\n",
+        f"gradient variance: M = {args.draws} estimates on one fixed training minibatch of 100; warm-up of "
+        f"stateful estimators: {args.warmup} steps (Adam lr {args.warmup_lr} on their own nets). The VN "
+        f"estimators (nvil, muprop_c_vn, reinforce_c_vn) divide the score-function gradient by max(1, sqrt(v)), "
+        f"so their variance is that of a rescaled gradient; the SNR is scale-free. ms / estimate is wall time "
+        f"on a shared machine ({args.workers} workers, {args.threads} thread each). For a parameter whose "
+        f"mean gradient is 0, E|mean|/std is about sqrt(2 / (pi M)) = {math.sqrt(2 / (math.pi * args.draws)):.3f}"
+        f": SNR values near that are the noise floor of M draws.\n",
+    ]
     for key, setup in SETUPS.items():
         r = results["setups"].get(key)
         if not r:
@@ -199,29 +239,41 @@ def render(results: dict, args) -> str:
         var = r.get("variance", {})
         init, trained = var.get("init", {}), var.get("trained", {})
         if init:
-            lines.append(f"\n### (a) gradient variance of the recognition parameters, log10 (SNR = mean |mean|/std); "
-                         f"'trained' = after {r.get('trained_steps', '?')} steps of muprop_c\n")
-            lines.append("| estimator | S | unbiased flag | log10 var init | SNR init | log10 var trained | SNR trained "
-                         "| ms / estimate (trained) |")
+            lines.append(
+                f"\n### (a) gradient variance of the recognition parameters, log10 (SNR = mean |mean|/std); "
+                f"'trained' = after {r.get('trained_steps', '?')} steps of muprop_c\n"
+            )
+            lines.append(
+                "| estimator | S | unbiased flag | log10 var init | SNR init | log10 var trained | SNR trained "
+                "| ms / estimate (trained) |"
+            )
             lines.append("|---|---|---|---|---|---|---|---|")
             for name, s in init.items():
                 t = trained.get(name, {})
-                lines.append(f"| {name} | {s['n_samples']} | {'yes' if s['unbiased'] else 'no'} | "
-                             f"{fmt(s.get('log10_var_rec'))} | {fmt(s.get('snr_rec'), 4)} | "
-                             f"{fmt(t.get('log10_var_rec'))} | {fmt(t.get('snr_rec'), 4)} | "
-                             f"{fmt(t.get('ms_per_estimate', s.get('ms_per_estimate')), 1)} |")
+                lines.append(
+                    f"| {name} | {s['n_samples']} | {'yes' if s['unbiased'] else 'no'} | "
+                    f"{fmt(s.get('log10_var_rec'))} | {fmt(s.get('snr_rec'), 4)} | "
+                    f"{fmt(t.get('log10_var_rec'))} | {fmt(t.get('snr_rec'), 4)} | "
+                    f"{fmt(t.get('ms_per_estimate', s.get('ms_per_estimate')), 1)} |"
+                )
         runs = r.get("train", {})
         if runs:
             is_sp = key.startswith("sp")
             m = 100 if is_sp else args.sbn_bound_samples
-            lines.append("\n### (b) short training, test metrics (full test set unless noted; nats, lower is better)\n")
+            lines.append(
+                "\n### (b) short training, test metrics (full test set unless noted; nats, lower is better)\n"
+            )
             if is_sp:
-                lines.append("| estimator | paper column | test NLL m=100 (ours) | paper NLL | test E[-log p(y|h)] "
-                             "(1 sample) | train seconds |")
+                lines.append(
+                    "| estimator | paper column | test NLL m=100 (ours) | paper NLL | test E[-log p(y|h)] "
+                    "(1 sample) | train seconds |"
+                )
             else:
                 n_b = next(iter(r.get("iw_bound", {}).values()), {}).get("bound_examples", "?")
-                lines.append(f"| estimator | paper column | test -ELBO (ours) | paper -ELBO | first {n_b} test "
-                             f"examples: -ELBO / -IW bound m={m} | train seconds |")
+                lines.append(
+                    f"| estimator | paper column | test -ELBO (ours) | paper -ELBO | first {n_b} test "
+                    f"examples: -ELBO / -IW bound m={m} | train seconds |"
+                )
             lines.append("|---|---|---|---|---|---|")
             for name, s in runs.items():
                 if is_sp:
@@ -231,12 +283,16 @@ def render(results: dict, args) -> str:
                     iw = r.get("iw_bound", {}).get(name, {})
                     other = f"{fmt(-iw.get('test/elbo', float('nan')))} / {fmt(-iw.get(f'test/bound_{m}', float('nan')))}"
                 other = other if isinstance(other, str) else fmt(other)
-                lines.append(f"| {name} | {PAPER_NAME.get(name, name)} | {fmt(main)} | {setup['paper'][name]} | "
-                             f"{other} | {fmt(s['train_seconds'], 0)} |")
+                lines.append(
+                    f"| {name} | {PAPER_NAME.get(name, name)} | {fmt(main)} | {setup['paper'][name]} | "
+                    f"{other} | {fmt(s['train_seconds'], 0)} |"
+                )
             order = r.get("ordering", {})
             if order:
-                lines.append(f"\nordering, best first: ours {' < '.join(order['ours'])}; paper "
-                             f"{' < '.join(order['paper'])}; Kendall tau {fmt(order['kendall_tau'])}\n")
+                lines.append(
+                    f"\nordering, best first: ours {' < '.join(order['ours'])}; paper "
+                    f"{' < '.join(order['paper'])}; Kendall tau {fmt(order['kendall_tau'])}\n"
+                )
     lines.append(f"\nphase times (s): {json.dumps({k: round(v, 1) for k, v in results['times'].items()})}\n")
     return "\n".join(lines)
 
@@ -288,7 +344,12 @@ def task_iw_bound(args, key: str, est: str) -> tuple[str, str, dict, float]:
     # the ELBO of the same examples: the test file is not shuffled, its first examples are not typical
     elbo = evaluate(run.model, test, 100, 1, max_examples=args.bound_examples)
     n = min(args.bound_examples or 10**9, len(test))
-    return key, est, {f"test/bound_{m}": bound, "test/elbo": elbo, "bound_examples": n}, time.perf_counter() - t
+    return (
+        key,
+        est,
+        {f"test/bound_{m}": bound, "test/elbo": elbo, "bound_examples": n},
+        time.perf_counter() - t,
+    )
 
 
 def split_names(names: list[str], parts: int) -> list[list[str]]:
@@ -305,13 +366,21 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--sbn-bound-samples", type=int, default=100, help="m of the SBN's IW test bound")
-    p.add_argument("--bound-examples", type=int, default=1000,
-                   help="test examples of the SBN's IW bound (its ELBO uses the whole test set)")
-    p.add_argument("--val-examples", type=int, default=1000, help="validation examples of the runner's passes")
+    p.add_argument(
+        "--bound-examples",
+        type=int,
+        default=1000,
+        help="test examples of the SBN's IW bound (its ELBO uses the whole test set)",
+    )
+    p.add_argument(
+        "--val-examples", type=int, default=1000, help="validation examples of the runner's passes"
+    )
     p.add_argument("--test-examples", type=int, default=None, help="limit the test set (default: all 10,000)")
     p.add_argument("--setups", nargs="*", default=list(SETUPS), choices=list(SETUPS))
     p.add_argument("--workers", type=int, default=2, help="worker processes")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (1 is fastest when shared)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads per worker (1 is fastest when shared)"
+    )
     p.add_argument("--data-root", default="/work/shared/data")
     p.add_argument("--out", type=Path, default=RESULTS / "paper_measurements")
     p.add_argument("--quick", action="store_true", help="smoke check: 20 steps, M = 5, 200 test examples")
@@ -322,12 +391,18 @@ def main() -> None:
         args.out = args.out.with_name(args.out.name + "_quick")
     start = time.perf_counter()
     names = bernoulli_estimators()
-    results = {"command": " ".join([".venv/bin/python", "bench/paper_measurements.py", *sys.argv[1:]]),
-               "args": {k: str(v) for k, v in vars(args).items()}, "estimators": names, "times": {},
-               "git_rev": git_revision(),  # estimators may be uncommitted: their files' sums identify them
-               "estimator_sha256": {str(f.relative_to(ROOT)): hashlib.sha256(f.read_bytes()).hexdigest()[:16]
-                                    for f in sorted((ROOT / "estimators").glob("*.py"))},
-               "setups": {k: {"variance": {"init": {}, "trained": {}}, "train": {}} for k in args.setups}}
+    results = {
+        "command": " ".join([".venv/bin/python", "bench/paper_measurements.py", *sys.argv[1:]]),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "estimators": names,
+        "times": {},
+        "git_rev": git_revision(),  # estimators may be uncommitted: their files' sums identify them
+        "estimator_sha256": {
+            str(f.relative_to(ROOT)): hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+            for f in sorted((ROOT / "estimators").glob("*.py"))
+        },
+        "setups": {k: {"variance": {"init": {}, "trained": {}}, "train": {}} for k in args.setups},
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
 
@@ -337,8 +412,9 @@ def main() -> None:
 
     print(f"estimators (Bernoulli): {', '.join(names)}", flush=True)
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(args.threads,)) as pool:
+    with ProcessPoolExecutor(
+        args.workers, mp_context=ctx, initializer=_init_worker, initargs=(args.threads,)
+    ) as pool:
         pending = set()
         # The MuProp-C runs first: the variance 'after training' needs their checkpoints.
         for key in args.setups:
@@ -359,9 +435,12 @@ def main() -> None:
                 if isinstance(payload, dict) and "train_seconds" in payload:  # a training run
                     r["train"][what] = payload
                     results["times"][f"{key}/train_{what}"] = seconds
-                    print(f"[{key}] trained {what}: test elbo {payload['test/elbo']:.2f}, "
-                          f"{', '.join(f'{k} {v:.2f}' for k, v in payload.items() if k.startswith('test/bound'))}"
-                          f" ({payload['train_seconds']:.0f} s training, {seconds:.0f} s in all)", flush=True)
+                    print(
+                        f"[{key}] trained {what}: test elbo {payload['test/elbo']:.2f}, "
+                        f"{', '.join(f'{k} {v:.2f}' for k, v in payload.items() if k.startswith('test/bound'))}"
+                        f" ({payload['train_seconds']:.0f} s training, {seconds:.0f} s in all)",
+                        flush=True,
+                    )
                     if what == "muprop_c":
                         for part in split_names(names, args.workers):
                             pending.add(pool.submit(task_variance, args, key, "trained", part))
@@ -369,8 +448,9 @@ def main() -> None:
                         pending.add(pool.submit(task_iw_bound, args, key, what))
                 elif what in ("init", "trained"):  # a variance measurement
                     r["variance"][what].update(payload)
-                    results["times"][f"{key}/variance_{what}"] = results["times"].get(
-                        f"{key}/variance_{what}", 0.0) + seconds
+                    results["times"][f"{key}/variance_{what}"] = (
+                        results["times"].get(f"{key}/variance_{what}", 0.0) + seconds
+                    )
                     print(f"[{key}] variance at {what}: {', '.join(payload)} ({seconds:.0f} s)", flush=True)
                 else:  # an IW bound of a finished SBN run
                     r.setdefault("iw_bound", {})[what] = payload

@@ -34,6 +34,8 @@ class Synthetic(Dataset):
         if int(n) < 1 or int(n_eval) < 1 or int(x_dim) < 1:
             raise ValueError(f"data.n, data.n_eval and data.x_dim must be >= 1, got {n}, {n_eval}, {x_dim}")
         sizes = {"train": int(n), "valid": int(n_eval), "test": int(n_eval)}
-        splits = {s: Split(torch.zeros(sizes[s], int(x_dim), dtype=torch.uint8, device=device), "fixed")  # [N, X]
-                  for s in SPLITS}
+        splits = {
+            s: Split(torch.zeros(sizes[s], int(x_dim), dtype=torch.uint8, device=device), "fixed")  # [N, X]
+            for s in SPLITS
+        }
         super().__init__(name, splits)

@@ -35,8 +35,9 @@ class ARM(Estimator):
     supports = frozenset({"bernoulli"})
     unbiased = True
 
-    def layer_gradient(self, f_flip: Tensor, f_base: Tensor, u: Tensor, logits: Tensor, b_flip: Tensor,
-                       b_base: Tensor) -> Tensor:
+    def layer_gradient(
+        self, f_flip: Tensor, f_base: Tensor, u: Tensor, logits: Tensor, b_flip: Tensor, b_base: Tensor
+    ) -> Tensor:
         """ARM: estimate of d E[f] / d phi for one layer, [S, B, D]."""
         return (f_flip - f_base).unsqueeze(-1) * (u - 0.5)  # [S, B, D]
 
@@ -59,7 +60,9 @@ class ARM(Estimator):
         def draw_flips(name: str, dist: Distribution) -> Tensor:
             """All L flipped passes in one call: block i of the sample dimension flips layer i."""
             if name not in uniforms:
-                raise ValueError(f"site {name!r} was not sampled in the base pass; sites must not depend on samples")
+                raise ValueError(
+                    f"site {name!r} was not sampled in the base pass; sites must not depend on samples"
+                )
             k = names.index(name)
             u = uniforms[name]  # [S, B, D]
             z_base = base.sites[name][1]  # [S, B, D]
@@ -72,7 +75,9 @@ class ARM(Estimator):
                     phi = bernoulli_logits(base.sites[name][0]).detach()  # [S, B, D]
                     blocks.append((u > torch.sigmoid(-phi)).to(phi.dtype))  # [S, B, D]
                 else:  # above it: the same uniforms through the flipped branch's parents (CRN)
-                    blocks.append((u < torch.sigmoid(logits[i * s : (i + 1) * s])).to(logits.dtype))  # [S, B, D]
+                    blocks.append(
+                        (u < torch.sigmoid(logits[i * s : (i + 1) * s])).to(logits.dtype)
+                    )  # [S, B, D]
             return torch.cat(blocks, 0)  # [L*S, B, D]
 
         with torch.no_grad():  # only the values of f at the flipped branches are used
@@ -84,7 +89,9 @@ class ARM(Estimator):
             dist, b_base = base.sites[name]
             logits = bernoulli_logits(dist)  # [S, B, D], differentiable in theta at the sampled parents
             b_flip = flips.sites[name][1][i * s : (i + 1) * s]  # [S, B, D], b1 of layer i
-            g = self.layer_gradient(f_flip[i], f_base, uniforms[name], logits.detach(), b_flip, b_base)  # [S, B, D]
+            g = self.layer_gradient(
+                f_flip[i], f_base, uniforms[name], logits.detach(), b_flip, b_base
+            )  # [S, B, D]
             # + phi * g: g estimates d E[f] / d phi (f is minimised), pushed into theta by the chain rule
             surrogate_terms.append((logits * g.detach()).sum(-1))  # [S, B]; g is a constant weight
             flipped_fraction.append(float((b_flip != b_base).to(logits.dtype).mean()))

@@ -135,7 +135,9 @@ class Trace:
 def site_log_prob(dist: Distribution, z: Tensor) -> Tensor:
     """log p(z) of one site, checked to be per example ([S, B])."""
     log_p = dist.log_prob(z)  # [S, B]
-    assert log_p.dim() == 2, f"site log_prob must be [S, B], got {tuple(log_p.shape)}: use Independent(..., 1)"
+    assert log_p.dim() == 2, (
+        f"site log_prob must be [S, B], got {tuple(log_p.shape)}: use Independent(..., 1)"
+    )
     return log_p
 
 
@@ -155,7 +157,9 @@ def draw_detached(name: str, dist: Distribution) -> Tensor:
 def draw_rsample(name: str, dist: Distribution) -> Tensor:
     """Reparameterized sample (pathwise gradient)."""
     if not dist.has_rsample:
-        raise ValueError(f"site {name!r}: {type(dist).__name__} has no rsample; use a score-function estimator")
+        raise ValueError(
+            f"site {name!r}: {type(dist).__name__} has no rsample; use a score-function estimator"
+        )
     return dist.rsample()
 
 

@@ -50,15 +50,21 @@ class SignalProcessor(nn.Module):
     ):
         super().__init__()
         if input_baseline and not context_dim:
-            raise ValueError("an input-dependent baseline (idb: true) needs context_dim, the size of its input")
+            raise ValueError(
+                "an input-dependent baseline (idb: true) needs context_dim, the size of its input"
+            )
         self.centre, self.normalise = bool(centre), bool(normalise)
         self.mean = MovingAverage(decay)
         self.var = MovingAverage(decay)
         self.baseline = InputBaseline(context_dim, hidden) if input_baseline else None
 
-    def forward(self, signal: Tensor, context: Tensor | None, update: bool = True) -> tuple[Tensor, Tensor, dict]:
+    def forward(
+        self, signal: Tensor, context: Tensor | None, update: bool = True
+    ) -> tuple[Tensor, Tensor, dict]:
         """Returns (A detached [S, B], baseline-net loss scalar, diagnostics)."""
-        signal = signal.detach()  # the learning signal is a constant weight on grad log p: no gradient through it
+        signal = (
+            signal.detach()
+        )  # the learning signal is a constant weight on grad log p: no gradient through it
         a = signal  # [S, B]
         loss = signal.new_zeros(())
         if self.baseline is not None:
@@ -81,5 +87,8 @@ class SignalProcessor(nn.Module):
             if update:
                 self.var.update(a.pow(2).mean())
             a = a / scale  # [S, B]
-        diag = {"signal_mean": float(signal.mean()), "advantage_std": float(a.std()) if a.numel() > 1 else 0.0}
+        diag = {
+            "signal_mean": float(signal.mean()),
+            "advantage_std": float(a.std()) if a.numel() > 1 else 0.0,
+        }
         return a, loss, diag

@@ -36,12 +36,18 @@ class Darn(Estimator):
             # per-example gradient (examples are independent); retain the graph: the surrogate below
             # differentiates the same cost again for its direct dependence on theta
             grads = torch.autograd.grad(cost.sum(), zs, retain_graph=True, allow_unused=True)
-        signal = torch.stack([
-            ((g if g is not None else torch.zeros_like(z)) * (z.detach() - 0.5)).sum(-1)  # [S, B]
-            for g, z in zip(grads, zs)
-        ])  # [L, S, B]; autograd.grad returns no graph, so the signal is a constant of the surrogate
-        log_p = torch.stack([site_log_prob(trace.sites[n][0], z.detach()) for n, z in zip(names, zs)])  # [L, S, B]
+        signal = torch.stack(
+            [
+                ((g if g is not None else torch.zeros_like(z)) * (z.detach() - 0.5)).sum(-1)  # [S, B]
+                for g, z in zip(grads, zs)
+            ]
+        )  # [L, S, B]; autograd.grad returns no graph, so the signal is a constant of the surrogate
+        log_p = torch.stack(
+            [site_log_prob(trace.sites[n][0], z.detach()) for n, z in zip(names, zs)]
+        )  # [L, S, B]
         # + cost: direct dependence of f on theta at the fixed sample (z is a leaf: no path to theta);
         # + log_p * signal: score function times the Taylor learning signal (f is minimised)
         surrogate = (cost + (log_p * signal).sum(0)).mean()
-        return Estimate(cost.detach(), surrogate, {"signal_std": float(signal.std()) if signal.numel() > 1 else 0.0})
+        return Estimate(
+            cost.detach(), surrogate, {"signal_std": float(signal.std()) if signal.numel() > 1 else 0.0}
+        )

@@ -18,9 +18,12 @@ from estimators.arm import ARM
 
 
 class DisARM(ARM):
-    def layer_gradient(self, f_flip: Tensor, f_base: Tensor, u: Tensor, logits: Tensor, b_flip: Tensor,
-                       b_base: Tensor) -> Tensor:
+    def layer_gradient(
+        self, f_flip: Tensor, f_base: Tensor, u: Tensor, logits: Tensor, b_flip: Tensor, b_base: Tensor
+    ) -> Tensor:
         """DisARM: estimate of d E[f] / d phi for one layer, [S, B, D] (b_flip = b1, b_base = b2)."""
         differs = (b_flip != b_base).to(logits.dtype)  # [S, B, D]
         sign = 1.0 - 2.0 * b_base  # [S, B, D] = (-1)^{b2}
-        return 0.5 * (f_flip - f_base).unsqueeze(-1) * differs * sign * torch.sigmoid(logits.abs())  # [S, B, D]
+        return (
+            0.5 * (f_flip - f_base).unsqueeze(-1) * differs * sign * torch.sigmoid(logits.abs())
+        )  # [S, B, D]

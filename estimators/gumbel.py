@@ -38,8 +38,10 @@ class GumbelSoftmax(Estimator):
     ):
         super().__init__(n_samples=n_samples, context_dim=context_dim, name=name)
         if not 0 < min_temperature <= temperature or anneal_rate < 0:
-            raise ValueError(f"need 0 < min_temperature <= temperature and anneal_rate >= 0; got "
-                             f"temperature={temperature}, min_temperature={min_temperature}, anneal_rate={anneal_rate}")
+            raise ValueError(
+                f"need 0 < min_temperature <= temperature and anneal_rate >= 0; got "
+                f"temperature={temperature}, min_temperature={min_temperature}, anneal_rate={anneal_rate}"
+            )
         self.temperature, self.min_temperature = float(temperature), float(min_temperature)
         self.anneal_rate, self.straight_through = float(anneal_rate), bool(straight_through)
 

@@ -33,8 +33,11 @@ from estimators.mixture_dist import COMPONENT_GRADS, DiagNormalMixture
 def mixture_parameters(name: str, dist: MixtureSameFamily) -> tuple[Tensor, Tensor, Tensor]:
     """(logits ``[..., K]``, loc ``[..., K, D]``, scale ``[..., K, D]``) of a diagonal-Gaussian mixture site."""
     comp = dist.component_distribution
-    if not (isinstance(comp, Independent) and isinstance(comp.base_dist, Normal)
-            and comp.reinterpreted_batch_ndims == 1):
+    if not (
+        isinstance(comp, Independent)
+        and isinstance(comp.base_dist, Normal)
+        and comp.reinterpreted_batch_ndims == 1
+    ):
         raise ValueError(
             f"site {name!r}: mixture estimators need MixtureSameFamily(Categorical, Independent(Normal, 1)); "
             f"got components {type(comp).__name__}"
@@ -69,7 +72,9 @@ class ImplicitMixture(Estimator):
     ):
         super().__init__(n_samples=n_samples, context_dim=context_dim, name=name)
         if component_grad not in COMPONENT_GRADS:
-            raise ValueError(f"estimator.component_grad={component_grad!r}: choose one of {', '.join(COMPONENT_GRADS)}")
+            raise ValueError(
+                f"estimator.component_grad={component_grad!r}: choose one of {', '.join(COMPONENT_GRADS)}"
+            )
         if int(block_size) < 1:
             raise ValueError(f"estimator.block_size={block_size!r}: choose an integer >= 1")
         self.component_grad = component_grad
@@ -78,8 +83,14 @@ class ImplicitMixture(Estimator):
     def draw(self, name: str, dist: Distribution) -> Tensor:
         if isinstance(dist, MixtureSameFamily):
             logits, loc, scale = mixture_parameters(name, dist)
-            mixture = DiagNormalMixture(logits, loc, scale, validate_args=False,
-                                        component_grad=self.component_grad, block_size=self.block_size)
+            mixture = DiagNormalMixture(
+                logits,
+                loc,
+                scale,
+                validate_args=False,
+                component_grad=self.component_grad,
+                block_size=self.block_size,
+            )
             return mixture.rsample()  # [S, B, D]; exact sample, implicit gradient in its backward
         if is_gaussian(dist):
             return dist.rsample()  # [S, B, D]

@@ -55,7 +55,9 @@ class MixtureScore(Estimator):
             if isinstance(dist, MixtureSameFamily):
                 logits, loc, scale = mixture_parameters(name, dist)  # [S, B, K], [S, B, K, D] x2
                 index = Categorical(logits=logits).sample()  # [S, B], no gradient path
-                log_pi.append(torch.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1))  # [S, B]
+                log_pi.append(
+                    torch.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+                )  # [S, B]
                 pick = index[..., None, None].expand(*index.shape, 1, loc.shape[-1])  # [S, B, 1, D]
                 mu = loc.gather(-2, pick).squeeze(-2)  # [S, B, D]
                 sigma = scale.gather(-2, pick).squeeze(-2)  # [S, B, D]
@@ -82,5 +84,8 @@ class MixtureScore(Estimator):
         # cost: pathwise gradient through z = mu_k + sigma_k eps and the explicit theta-dependence of f
         # (log q); + score * advantage: the likelihood-ratio term of the index (plus: we minimise cost).
         surrogate = (cost + score * advantage).mean()
-        diag = {"signal_mean": float(signal.mean()), "advantage_std": float(advantage.std()) if advantage.numel() > 1 else 0.0}
+        diag = {
+            "signal_mean": float(signal.mean()),
+            "advantage_std": float(advantage.std()) if advantage.numel() > 1 else 0.0,
+        }
         return Estimate(signal, surrogate, diag)

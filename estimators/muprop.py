@@ -107,28 +107,40 @@ class MuProp(Estimator):
         trace = Trace(draw_detached)  # step 2: exact samples, no gradient through their values
         cost = cost_fn(trace, self.n_samples)  # [S, B], differentiable in theta through the direct path only
         if set(trace.sites) != set(z_bar):
-            raise ValueError(f"the mean-field pass sampled sites {sorted(z_bar)} but the stochastic pass "
-                             f"{sorted(trace.sites)}: the model's sites must not depend on the sample values")
+            raise ValueError(
+                f"the mean-field pass sampled sites {sorted(z_bar)} but the stochastic pass "
+                f"{sorted(trace.sites)}: the model's sites must not depend on the sample values"
+            )
         names = list(trace.sites)
         f_z = cost.detach()  # [S, B]; the learning signal is a constant weight on grad log p
-        residual = torch.stack([
-            f_z - f_bar - (f_prime[n] * (trace.sites[n][1] - z_bar[n])).flatten(2).sum(-1)  # [S, B]
-            for n in names
-        ])  # [L, S, B]
+        residual = torch.stack(
+            [
+                f_z - f_bar - (f_prime[n] * (trace.sites[n][1] - z_bar[n])).flatten(2).sum(-1)  # [S, B]
+                for n in names
+            ]
+        )  # [L, S, B]
         scale = self._vn_scale()  # read before the processor updates its running variance
-        adv, baseline_loss, diag = self.signal(residual, context, update=self.update_state)  # [L, S, B], detached
+        adv, baseline_loss, diag = self.signal(
+            residual, context, update=self.update_state
+        )  # [L, S, B], detached
         log_p = torch.stack([site_log_prob(*trace.sites[n]) for n in names])  # [L, S, B], grad in theta
         # mu_i at the sampled parents: its theta-gradient is the path the Taylor term integrates analytically
-        mu_dot_fp = torch.stack([
-            (trace.sites[n][0].mean * f_prime[n]).flatten(2).sum(-1) for n in names  # [S, B]
-        ])  # [L, S, B]
+        mu_dot_fp = torch.stack(
+            [
+                (trace.sites[n][0].mean * f_prime[n]).flatten(2).sum(-1)
+                for n in names  # [S, B]
+            ]
+        )  # [L, S, B]
         # + cost: direct dependence of f on theta at the fixed sample (decoder, explicit log q terms);
         # + log_p * adv: score function times the (processed) Taylor residual, >0 adv pushes log p down as the
         #   cost is minimised; + mu^T f'(z_bar) / scale: adds back the control variate's expectation (same
         #   positive VN scale as the residual term). baseline_loss trains the IDB net only.
         surrogate = (cost + (log_p * adv).sum(0) + mu_dot_fp.sum(0) / scale).mean() + baseline_loss
-        diag = {**diag, "residual_std": float(residual.std()) if residual.numel() > 1 else 0.0,
-                "cost_minus_mean_field": float((f_z - f_bar).mean())}
+        diag = {
+            **diag,
+            "residual_std": float(residual.std()) if residual.numel() > 1 else 0.0,
+            "cost_minus_mean_field": float((f_z - f_bar).mean()),
+        }
         return Estimate(f_z, surrogate, diag)
 
     def _vn_scale(self) -> Tensor | float:

@@ -36,8 +36,10 @@ class StraightThrough(Estimator):
     ):
         super().__init__(n_samples=n_samples, context_dim=context_dim, name=name)
         if slope <= 0 or max_slope < slope or slope_rate < 0:
-            raise ValueError(f"need 0 < slope <= max_slope and slope_rate >= 0; got slope={slope}, "
-                             f"max_slope={max_slope}, slope_rate={slope_rate}")
+            raise ValueError(
+                f"need 0 < slope <= max_slope and slope_rate >= 0; got slope={slope}, "
+                f"max_slope={max_slope}, slope_rate={slope_rate}"
+            )
         self.slope, self.slope_rate, self.max_slope = float(slope), float(slope_rate), float(max_slope)
 
     def current_slope(self) -> float:

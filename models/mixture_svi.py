@@ -71,9 +71,14 @@ class MixtureSVI(LatentVariableModel):
                 f"model.latent_dim, model.components and model.target_components must be >= 1, got "
                 f"{latent_dim}, {components}, {target_components}"
             )
-        for key, value in [("init_scale", init_scale), ("ring_radius", ring_radius), ("ring_width", ring_width),
-                           ("banana_scale", banana_scale), ("banana_width", banana_width),
-                           ("target_scale", target_scale)]:
+        for key, value in [
+            ("init_scale", init_scale),
+            ("ring_radius", ring_radius),
+            ("ring_width", ring_width),
+            ("banana_scale", banana_scale),
+            ("banana_width", banana_width),
+            ("target_scale", target_scale),
+        ]:
             if not float(value) > 0:
                 raise ValueError(f"model.{key}={value!r}: choose a number > 0")
         self.context_dim = x_dim
@@ -110,7 +115,9 @@ class MixtureSVI(LatentVariableModel):
         return diag_normal_mixture(self.logits, self.loc, self.log_scale.exp())  # batch [], event [D]
 
     def target_mixture(self) -> MixtureSameFamily:
-        return diag_normal_mixture(self.target_logits, self.target_loc, self.target_scale)  # batch [], event [D]
+        return diag_normal_mixture(
+            self.target_logits, self.target_loc, self.target_scale
+        )  # batch [], event [D]
 
     def log_target(self, z: Tensor) -> Tensor:
         """log p~(z), reducing only the last dim: ``[..., D] -> [...]``."""
@@ -128,7 +135,8 @@ class MixtureSVI(LatentVariableModel):
         if self.target == "ring":
             r, w = self.ring
             radial = w * w * math.exp(-0.5 * (r / w) ** 2) + r * w * math.sqrt(2 * math.pi) * 0.5 * math.erfc(
-                -r / (w * math.sqrt(2)))  # int_0^inf rho exp(-(rho - r)^2 / 2 w^2) d rho
+                -r / (w * math.sqrt(2))
+            )  # int_0^inf rho exp(-(rho - r)^2 / 2 w^2) d rho
             return math.log(2 * math.pi * radial)
         if self.target == "banana":
             a, _, s = self.banana
@@ -174,7 +182,9 @@ class MixtureSVI(LatentVariableModel):
         fig = Figure(figsize=(12, 4), dpi=100)
         FigureCanvasAgg(fig)
         extent = (-lim, lim, -lim, lim)
-        for i, (img, title) in enumerate([(p, f"target p ({self.target})"), (q, f"q: {self.components} components")]):
+        for i, (img, title) in enumerate(
+            [(p, f"target p ({self.target})"), (q, f"q: {self.components} components")]
+        ):
             ax = fig.add_subplot(1, 3, i + 1)
             ax.imshow(img.numpy(), origin="lower", extent=extent, cmap="viridis")
             ax.set_title(title)

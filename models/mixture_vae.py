@@ -99,7 +99,9 @@ class MixtureVAE(LatentVariableModel):
     def prior(self, like: Tensor) -> Distribution:
         """p(z), event ``[D]``; ``like`` is a sample whose dtype and device it takes."""
         if self.prior_kind == "mixture":
-            return diag_normal_mixture(self.prior_logits, self.prior_loc, self.prior_log_scale.exp())  # batch []
+            return diag_normal_mixture(
+                self.prior_logits, self.prior_loc, self.prior_log_scale.exp()
+            )  # batch []
         zero = like.new_zeros(())
         return Independent(Normal(zero, zero + 1, validate_args=False).expand((self.latent_dim,)), 1)
 

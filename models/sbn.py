@@ -31,7 +31,9 @@ def bernoulli_layer(logits: Tensor) -> Independent:
 def mlp(n_in: int, n_out: int, nonlinear: bool, hidden: int) -> nn.Module:
     if not nonlinear:
         return nn.Linear(n_in, n_out)
-    return nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, n_out))
+    return nn.Sequential(
+        nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, n_out)
+    )
 
 
 class SBN(LatentVariableModel):
@@ -52,11 +54,17 @@ class SBN(LatentVariableModel):
         self.layers = [int(d) for d in layers]
         self.context_dim = x_dim
         sizes = [x_dim, *self.layers]  # x, z_1, ..., z_L
-        self.encoder = nn.ModuleList(mlp(sizes[i], sizes[i + 1], nonlinear, hidden) for i in range(len(self.layers)))
-        self.decoder = nn.ModuleList(mlp(sizes[i + 1], sizes[i], nonlinear, hidden) for i in range(len(self.layers)))
+        self.encoder = nn.ModuleList(
+            mlp(sizes[i], sizes[i + 1], nonlinear, hidden) for i in range(len(self.layers))
+        )
+        self.decoder = nn.ModuleList(
+            mlp(sizes[i + 1], sizes[i], nonlinear, hidden) for i in range(len(self.layers))
+        )
         self.prior_logits = nn.Parameter(torch.zeros(self.layers[-1]))  # [D_L]
         mean = train_mean if train_mean is not None else torch.full((x_dim,), 0.5)
-        self.register_buffer("x_mean", mean.detach().float().clone())  # [X] for centring the recognition input
+        self.register_buffer(
+            "x_mean", mean.detach().float().clone()
+        )  # [X] for centring the recognition input
         out = self.decoder[0] if not nonlinear else self.decoder[0][-1]
         with torch.no_grad():
             out.bias.copy_(logit(self.x_mean))  # decoder output bias = logit of the training mean
@@ -82,7 +90,9 @@ class SBN(LatentVariableModel):
         log_p = bernoulli_layer(self.prior_logits.expand_as(zs[-1])).log_prob(zs[-1])  # [S, B]
         targets = [x, *zs[:-1]]  # what layer i's decoder predicts from z_{i+1}
         for dec, z, target in zip(self.decoder, zs, targets):
-            log_p = log_p + bernoulli_layer(dec(z)).log_prob(target.expand(*z.shape[:-1], target.shape[-1]))  # [S, B]
+            log_p = log_p + bernoulli_layer(dec(z)).log_prob(
+                target.expand(*z.shape[:-1], target.shape[-1])
+            )  # [S, B]
         return log_q - log_p  # [S, B]
 
     @torch.no_grad()

@@ -50,7 +50,9 @@ class SBNSP(LatentVariableModel):
         if not layers or any(int(d) < 1 for d in layers):
             raise ValueError(f"model.layers must be a non-empty list of positive sizes, got {list(layers)}")
         if x_dim < 2 or x_dim % 2:
-            raise ValueError(f"structured prediction splits an example in halves: x_dim must be even, got {x_dim}")
+            raise ValueError(
+                f"structured prediction splits an example in halves: x_dim must be even, got {x_dim}"
+            )
         self.layers = [int(d) for d in layers]
         self.name = name
         self.x_dim = int(x_dim)

@@ -64,7 +64,9 @@ class VAE(LatentVariableModel):
         q = self.posterior(x).expand((n_samples, x.shape[0]))  # batch [S, B], event [D]
         z = sample("z", q)  # [S, B, D] (or with more leading dims)
         prior = Independent(Normal(torch.zeros_like(z), torch.ones_like(z)), 1)
-        log_px = bernoulli_layer(self.decoder(z)).log_prob(expand_samples(x, n_samples).expand(*z.shape[:-1], x.shape[-1]))
+        log_px = bernoulli_layer(self.decoder(z)).log_prob(
+            expand_samples(x, n_samples).expand(*z.shape[:-1], x.shape[-1])
+        )
         return q.log_prob(z) - prior.log_prob(z) - log_px  # [S, B]
 
     @torch.no_grad()

@@ -23,8 +23,18 @@ from omegaconf import DictConfig, OmegaConf
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 #: keys that may change between an interrupted run and its resumption (they do not change the trajectory)
-RESUMABLE_CHANGES = ("git_rev", "quiet", "device", "experiment_name", "train.steps", "eval", "logger",
-                     "data.root", "data.download", "data.verify")
+RESUMABLE_CHANGES = (
+    "git_rev",
+    "quiet",
+    "device",
+    "experiment_name",
+    "train.steps",
+    "eval",
+    "logger",
+    "data.root",
+    "data.download",
+    "data.verify",
+)
 
 
 class ConfigError(ValueError):
@@ -101,13 +111,17 @@ def _number(node: DictConfig, key: str, prefix: str, kind: type = int):
     try:
         number = kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{prefix}.{key}={value!r} is not {'an integer' if kind is int else 'a number'}") from None
+        raise ConfigError(
+            f"{prefix}.{key}={value!r} is not {'an integer' if kind is int else 'a number'}"
+        ) from None
     if kind is int and float(value) != number:
         raise ConfigError(f"{prefix}.{key}={value!r} is not an integer")
     return number
 
 
-def _at_least(node: DictConfig, key: str, prefix: str, low: float, kind: type = int, strict: bool = False) -> None:
+def _at_least(
+    node: DictConfig, key: str, prefix: str, low: float, kind: type = int, strict: bool = False
+) -> None:
     if node.get(key) is None:
         return
     v = _number(node, key, prefix, kind)
@@ -120,7 +134,13 @@ def check_ranges(cfg: DictConfig) -> None:
     """Every range check that needs no import: answers before torch is loaded."""
     t, e, v, o = cfg.train, cfg.eval, cfg.variance, cfg.optim
     _need(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool), "seed", cfg.seed, "an integer")
-    for key, low in (("steps", 0), ("batch_size", 1), ("eval_every", 1), ("log_every", 1), ("checkpoint_every", 1)):
+    for key, low in (
+        ("steps", 0),
+        ("batch_size", 1),
+        ("eval_every", 1),
+        ("log_every", 1),
+        ("checkpoint_every", 1),
+    ):
         _at_least(t, key, "train", low)
     _at_least(t, "val_examples", "train", 1)
     for key in ("samples", "chunk", "batch_size", "test_examples"):
@@ -128,10 +148,17 @@ def check_ranges(cfg: DictConfig) -> None:
     _need(_number(v, "every", "variance") >= 0, "variance.every", v.every, "an integer >= 0 (0 turns it off)")
     _at_least(v, "samples", "variance", 2)
     _at_least(v, "batch_size", "variance", 1)
-    _need(OmegaConf.is_list(v.basket), "variance.basket", v.basket, "a list of estimator names, e.g. [reinforce]")
+    _need(
+        OmegaConf.is_list(v.basket),
+        "variance.basket",
+        v.basket,
+        "a list of estimator names, e.g. [reinforce]",
+    )
     bias = v.get("bias")
     if bias is not None:
-        _need(bias.get("reference") is not None, "variance.bias.reference", None, "an unbiased estimator name")
+        _need(
+            bias.get("reference") is not None, "variance.bias.reference", None, "an unbiased estimator name"
+        )
         _at_least(bias, "samples", "variance.bias", 2)
     _need(o.get("name") in ("adam", "sgd"), "optim.name", o.get("name"), "adam or sgd")
     _at_least(o, "lr", "optim", 0.0, float, strict=True)
@@ -145,8 +172,12 @@ def check_ranges(cfg: DictConfig) -> None:
     mode = cfg.logger.get("mode")
     _need(mode in WANDB_MODES, "logger.mode", mode, f"one of {', '.join(WANDB_MODES)}")
     device = str(cfg.get("device", "auto"))
-    _need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device) is not None, "device", device,
-          "auto, cpu, mps, cuda or cuda:N")
+    _need(
+        re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device) is not None,
+        "device",
+        device,
+        "auto, cpu, mps, cuda or cuda:N",
+    )
 
     # the model: sizes and the number of mixture components K
     m = cfg.model
@@ -157,10 +188,17 @@ def check_ranges(cfg: DictConfig) -> None:
         if sizes is None:
             continue
         sizes = list(sizes) if OmegaConf.is_list(sizes) else [sizes]
-        _need(len(sizes) > 0 and all(isinstance(s, int) and s >= 1 for s in sizes), f"model.{key}",
-              m.get(key), "positive integers (a non-empty list of layer sizes)")
+        _need(
+            len(sizes) > 0 and all(isinstance(s, int) and s >= 1 for s in sizes),
+            f"model.{key}",
+            m.get(key),
+            "positive integers (a non-empty list of layer sizes)",
+        )
     # estimators: sample counts, temperatures, decays
-    for prefix, node in [("estimator", cfg.estimator), *[(f"estimator {b}", _basket_node(b)) for b in v.basket]]:
+    for prefix, node in [
+        ("estimator", cfg.estimator),
+        *[(f"estimator {b}", _basket_node(b)) for b in v.basket],
+    ]:
         _check_estimator_ranges(node, prefix)
 
 
@@ -183,16 +221,21 @@ def check_config(cfg: DictConfig) -> None:
     check_ranges(cfg)
     model_cls = target_class(cfg.model, "model")
     kind = model_cls.latent_kind
-    nodes = [("estimator", cfg.estimator),
-             *[(f"variance.basket[{b}]", load_estimator_config(b)) for b in cfg.variance.basket]]
+    nodes = [
+        ("estimator", cfg.estimator),
+        *[(f"variance.basket[{b}]", load_estimator_config(b)) for b in cfg.variance.basket],
+    ]
     bias = cfg.variance.get("bias")
     if bias is not None:
         nodes.append(("variance.bias.reference", load_estimator_config(bias.reference)))
     for est_name, node in nodes:
         est_cls = target_class(node, est_name)
         if kind not in est_cls.supports:
-            able = [n for n in available("estimator")
-                    if kind in target_class(load_estimator_config(n), n).supports]
+            able = [
+                n
+                for n in available("estimator")
+                if kind in target_class(load_estimator_config(n), n).supports
+            ]
             raise ConfigError(
                 f"{est_name} {node.get('name', est_cls.__name__)!r} cannot serve model "
                 f"{cfg.model.get('name', model_cls.__name__)!r} ({kind} latents). "
@@ -200,12 +243,19 @@ def check_config(cfg: DictConfig) -> None:
             )
         low = int(getattr(est_cls, "min_samples", 1))
         n = int(node.get("n_samples", 1))
-        _need(n >= low, f"{est_name}.n_samples" if est_name == "estimator" else f"{est_name} n_samples", n,
-              f"an integer >= {low} for {node.get('name', est_cls.__name__)}")
-    if bias is not None and not getattr(target_class(load_estimator_config(bias.reference), "reference"),
-                                        "unbiased", False):
-        raise ConfigError(f"variance.bias.reference={bias.reference!r} is a biased estimator: the reference must be "
-                          f"unbiased. Unbiased estimators for this model: {', '.join(unbiased_for(kind))}")
+        _need(
+            n >= low,
+            f"{est_name}.n_samples" if est_name == "estimator" else f"{est_name} n_samples",
+            n,
+            f"an integer >= {low} for {node.get('name', est_cls.__name__)}",
+        )
+    if bias is not None and not getattr(
+        target_class(load_estimator_config(bias.reference), "reference"), "unbiased", False
+    ):
+        raise ConfigError(
+            f"variance.bias.reference={bias.reference!r} is a biased estimator: the reference must be "
+            f"unbiased. Unbiased estimators for this model: {', '.join(unbiased_for(kind))}"
+        )
 
 
 def unbiased_for(kind: str) -> list[str]:
@@ -253,8 +303,11 @@ def check_resume(config: dict[str, Any], run_dir: Path) -> None:
     def free(key: str) -> bool:
         return any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
 
-    diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-             if not free(k) and saved.get(k) != now.get(k)]
+    diffs = [
+        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if not free(k) and saved.get(k) != now.get(k)
+    ]
     if diffs:
         raise ConfigError(
             f"{run_dir} holds a checkpoint of a different configuration ({'; '.join(diffs[:5])}"

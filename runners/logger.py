@@ -52,8 +52,17 @@ class RunLogger:
             run_id = id_file.read_text().strip() if id_file.exists() else generate_run_id()
             id_file.write_text(run_id + "\n")
             self.run = wandb.init(
-                project=project, entity=entity, group=group, job_type=job_type, name=name, tags=tags,
-                config=config, dir=str(self.run_dir), id=run_id, resume="allow", mode=mode,
+                project=project,
+                entity=entity,
+                group=group,
+                job_type=job_type,
+                name=name,
+                tags=tags,
+                config=config,
+                dir=str(self.run_dir),
+                id=run_id,
+                resume="allow",
+                mode=mode,
                 settings=wandb.Settings(console="off", silent=True),
             )
             self.run.define_metric("step")

@@ -42,8 +42,20 @@ from omegaconf import OmegaConf
 from runners.logger import DONE, ERROR_FILE, METRICS_FILE, SUMMARY
 
 #: keys that do not split groups: the seed is averaged over; the others do not change the training trajectory
-NOT_A_DIFFERENCE = ("seed", "git_rev", "quiet", "device", "logger", "data.root", "data.download", "data.verify",
-                    "eval", "variance", "experiment_name", "hydra")
+NOT_A_DIFFERENCE = (
+    "seed",
+    "git_rev",
+    "quiet",
+    "device",
+    "logger",
+    "data.root",
+    "data.download",
+    "data.verify",
+    "eval",
+    "variance",
+    "experiment_name",
+    "hydra",
+)
 SKIP_DIRS = {"wandb", ".hydra", ".submitit", "report"}
 
 
@@ -154,6 +166,7 @@ def _fmt(v: Any) -> str:
 
 def label_runs(runs: list[RunData]) -> dict[tuple[str, str], list[RunData]]:
     """{(model label, estimator label): runs that differ only in the seed}."""
+
     def key(run: RunData) -> tuple:
         return tuple(sorted((k, _fmt(v)) for k, v in run.flat.items() if not _free(k)))
 
@@ -167,17 +180,25 @@ def label_runs(runs: list[RunData]) -> dict[tuple[str, str], list[RunData]]:
         dicts = [dict(k) for k in members]
         keys = sorted({k for d in dicts for k in d if prefix_ok(k)})
         vary = [k for k in keys if len({d.get(k) for d in dicts}) > 1]
-        return {m: ", ".join(f"{k.split('.', 1)[-1] if k.startswith('model.') else k}={d.get(k)}" for k in vary)
-                for m, d in zip(members, dicts)}
+        return {
+            m: ", ".join(f"{k.split('.', 1)[-1] if k.startswith('model.') else k}={d.get(k)}" for k in vary)
+            for m, d in zip(members, dicts)
+        }
 
     # rows: model name (+ dataset when several) + the model keys that differ between groups of that name
     row_of: dict[tuple, str] = {}
     by_model: dict[str, list[tuple]] = defaultdict(list)
     for k, members in groups.items():
-        base = members[0].model if len(datasets) == 1 else f"{members[0].flat.get('data.name')} {members[0].model}"
+        base = (
+            members[0].model
+            if len(datasets) == 1
+            else f"{members[0].flat.get('data.name')} {members[0].model}"
+        )
         by_model[base].append(k)
     for base, keys in by_model.items():
-        diffs = differing(keys, lambda k: k.startswith("model.") and k not in ("model.name", "model._target_"))
+        diffs = differing(
+            keys, lambda k: k.startswith("model.") and k not in ("model.name", "model._target_")
+        )
         for k in keys:
             row_of[k] = f"{base} ({diffs[k]})" if diffs[k] else base
     # columns: estimator name + whatever else differs between groups of the same row and estimator
@@ -265,7 +286,13 @@ def plot_curves(groups: dict[tuple[str, str], list[RunData]], out: Path) -> list
     figures = []
     for name, key, x, xlabel, title in (
         ("val_elbo_step", "val/elbo", "step", "step", "validation ELBO (nats) vs step"),
-        ("val_elbo_time", "val/elbo", "time/elapsed", "wall-clock (s)", "validation ELBO (nats) vs wall-clock"),
+        (
+            "val_elbo_time",
+            "val/elbo",
+            "time/elapsed",
+            "wall-clock (s)",
+            "validation ELBO (nats) vs wall-clock",
+        ),
     ):
         fig, axes = _grid(len(rows))
         any_data = False
@@ -302,8 +329,9 @@ def plot_curves(groups: dict[tuple[str, str], list[RunData]], out: Path) -> list
             ax.grid(alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=7)
-    fig.suptitle("log10 gradient variance (mean over parameters) vs step; mean over seeds, band min-max",
-                 fontsize=10)
+    fig.suptitle(
+        "log10 gradient variance (mean over parameters) vs step; mean over seeds, band min-max", fontsize=10
+    )
     if any_data:
         figures.append(("log10 gradient variance vs step", _save(fig, out / "grad_log10_var.png")))
     else:
@@ -335,20 +363,34 @@ def plot_curves(groups: dict[tuple[str, str], list[RunData]], out: Path) -> list
                 ax.grid(alpha=0.3)
                 if ax.lines:
                     ax.legend(fontsize=7)
-        fig.suptitle("same trajectory, same minibatch: estimators compared at identical parameters", fontsize=10)
+        fig.suptitle(
+            "same trajectory, same minibatch: estimators compared at identical parameters", fontsize=10
+        )
         figures.append(("same-trajectory comparison", _save(fig, out / "trajectory.png")))
     return figures
 
 
 def measured(runs: list[RunData]) -> list[str]:
-    names = {k.split("/")[1] for r in runs for rec in r.metrics for k in rec if k.startswith("grad/")
-             and k.endswith("/log10_var")}
+    names = {
+        k.split("/")[1]
+        for r in runs
+        for rec in r.metrics
+        for k in rec
+        if k.startswith("grad/") and k.endswith("/log10_var")
+    }
     return sorted(names)
 
 
 def bias_names(runs: list[RunData]) -> list[str]:
-    return sorted({k.split("/")[1] for r in runs for rec in r.metrics for k in rec
-                   if k.startswith("bias/") and k.endswith("/z2")})
+    return sorted(
+        {
+            k.split("/")[1]
+            for r in runs
+            for rec in r.metrics
+            for k in rec
+            if k.startswith("bias/") and k.endswith("/z2")
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -385,8 +427,11 @@ class Table:
     def html(self) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in self.cols)
         body = "".join(
-            f"<tr><th>{html.escape(r)}</th>" + "".join(f"<td>{html.escape(self.cell(r, c))}</td>" for c in self.cols)
-            + "</tr>" for r in self.rows)
+            f"<tr><th>{html.escape(r)}</th>"
+            + "".join(f"<td>{html.escape(self.cell(r, c))}</td>" for c in self.cols)
+            + "</tr>"
+            for r in self.rows
+        )
         return f"<table><tr><th>model</th>{head}</tr>{body}</table>"
 
     def write_csv(self, path: Path) -> None:
@@ -397,7 +442,11 @@ class Table:
                 vals: list[Any] = [row]
                 for c in self.cols:
                     s = self.stats(row, c)
-                    vals += ["", "", 0] if s is None else [f"{s[0]:.4f}", "" if math.isnan(s[1]) else f"{s[1]:.4f}", s[2]]
+                    vals += (
+                        ["", "", 0]
+                        if s is None
+                        else [f"{s[0]:.4f}", "" if math.isnan(s[1]) else f"{s[1]:.4f}", s[2]]
+                    )
                 w.writerow(vals)
 
 
@@ -406,7 +455,7 @@ def final_tables(groups: dict[tuple[str, str], list[RunData]]) -> list[Table]:
     keys: list[str] = []
     for runs in groups.values():
         for r in runs:
-            for k in (r.summary or {}):
+            for k in r.summary or {}:
                 if (k == "test/elbo" or k.startswith("test/bound_")) and k not in keys:
                     keys.append(k)
     keys.sort(key=lambda k: (k != "test/elbo", k))
@@ -441,50 +490,75 @@ def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
     runs = [load_run(d) for d in find_runs([Path(p) for p in paths])]
     with_config = [r for r in runs if r.config]
     if not with_config:
-        raise SystemExit(f"error: no run directories (config.yaml / metrics.jsonl) under {', '.join(map(str, paths))}")
+        raise SystemExit(
+            f"error: no run directories (config.yaml / metrics.jsonl) under {', '.join(map(str, paths))}"
+        )
     groups = label_runs(with_config)
     figures = plot_curves(groups, out)
     tables = final_tables(groups)
     for t in tables:
         t.write_csv(out / f"table_{t.key.replace('/', '_')}.csv")
 
-    status_lines = [f"| {r.path} | {r.model} | {r.estimator} | {r.seed} | {r.status} | {r.last_step} | "
-                    f"{(r.error or '').replace('|', '/')[:160]} |" for r in runs]
-    md = [f"# Report: {len(runs)} runs", "", f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} from "
-          + ", ".join(f"`{p}`" for p in paths) + ".", "",
-          "Values are **negative bounds in nats** (as the papers' tables: -ELBO, negative log-likelihood bound; "
-          "lower is better), mean ± sample std over seeds, number of seeds in parentheses. Unfinished runs are "
-          "left out of the tables and kept in the curves.", ""]
+    status_lines = [
+        f"| {r.path} | {r.model} | {r.estimator} | {r.seed} | {r.status} | {r.last_step} | "
+        f"{(r.error or '').replace('|', '/')[:160]} |"
+        for r in runs
+    ]
+    md = [
+        f"# Report: {len(runs)} runs",
+        "",
+        f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} from " + ", ".join(f"`{p}`" for p in paths) + ".",
+        "",
+        "Values are **negative bounds in nats** (as the papers' tables: -ELBO, negative log-likelihood bound; "
+        "lower is better), mean ± sample std over seeds, number of seeds in parentheses. Unfinished runs are "
+        "left out of the tables and kept in the curves.",
+        "",
+    ]
     for t in tables:
         md += [f"## {t.title}", "", f"`{t.key}` from summary.json", "", t.markdown(), ""]
     for title, path in figures:
         md += [f"## {title}", "", f"![{title}]({path.name})", ""]
-    md += ["## Runs", "", "| run | model | estimator | seed | status | last step | error |", "|---|---|---|---|---|---|---|",
-           *status_lines, ""]
+    md += [
+        "## Runs",
+        "",
+        "| run | model | estimator | seed | status | last step | error |",
+        "|---|---|---|---|---|---|---|",
+        *status_lines,
+        "",
+    ]
     (out / "report.md").write_text("\n".join(md), encoding="utf-8")
 
-    page = ["<!doctype html><html><head><meta charset='utf-8'><title>Report</title><style>"
-            "body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}"
-            "</style></head><body>",
-            f"<h1>Report: {len(runs)} runs</h1>",
-            "<p>Values are negative bounds in nats (lower is better), mean ± sample std over seeds, number of seeds "
-            "in parentheses.</p>"]
+    page = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>Report</title><style>"
+        "body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}"
+        "</style></head><body>",
+        f"<h1>Report: {len(runs)} runs</h1>",
+        "<p>Values are negative bounds in nats (lower is better), mean ± sample std over seeds, number of seeds "
+        "in parentheses.</p>",
+    ]
     for t in tables:
         page += [f"<h2>{html.escape(t.title)}</h2><p><code>{html.escape(t.key)}</code></p>", t.html()]
     for title, path in figures:
         page += [f"<h2>{html.escape(title)}</h2>", _img_tag(path)]
-    samples = [(row, col, runs[0].path / "samples.png") for (row, col), runs in groups.items()
-               if (runs[0].path / "samples.png").exists()]
+    samples = [
+        (row, col, runs[0].path / "samples.png")
+        for (row, col), runs in groups.items()
+        if (runs[0].path / "samples.png").exists()
+    ]
     if samples:
         page.append("<h2>Samples from the models (first seed)</h2>")
         for row, col, p in samples:
             page += [f"<h3>{html.escape(row)} / {html.escape(col)}</h3>", _img_tag(p)]
-    page.append("<h2>Runs</h2><table><tr><th>run</th><th>model</th><th>estimator</th><th>seed</th><th>status</th>"
-                "<th>last step</th><th>error</th></tr>")
-    page += [f"<tr><td>{html.escape(str(r.path))}</td><td>{html.escape(r.model)}</td><td>{html.escape(r.estimator)}</td>"
-             f"<td>{r.seed}</td><td>{r.status}</td><td>{r.last_step}</td><td>{html.escape(r.error or '')}</td></tr>"
-             for r in runs]
+    page.append(
+        "<h2>Runs</h2><table><tr><th>run</th><th>model</th><th>estimator</th><th>seed</th><th>status</th>"
+        "<th>last step</th><th>error</th></tr>"
+    )
+    page += [
+        f"<tr><td>{html.escape(str(r.path))}</td><td>{html.escape(r.model)}</td><td>{html.escape(r.estimator)}</td>"
+        f"<td>{r.seed}</td><td>{r.status}</td><td>{r.last_step}</td><td>{html.escape(r.error or '')}</td></tr>"
+        for r in runs
+    ]
     page.append("</table></body></html>")
     (out / "report.html").write_text("\n".join(page), encoding="utf-8")
     return {"out": out, "runs": runs, "groups": groups, "tables": tables, "figures": figures}
@@ -497,16 +571,29 @@ def log_to_wandb(result: dict[str, Any], mode: str, project: str, group: str | N
     from runners.logger import generate_run_id
 
     out = result["out"]
-    run = wandb.init(project=project, group=group, job_type="report", name="report", dir=str(out),
-                     id=generate_run_id(), mode=mode, settings=wandb.Settings(console="off", silent=True))
+    run = wandb.init(
+        project=project,
+        group=group,
+        job_type="report",
+        name="report",
+        dir=str(out),
+        id=generate_run_id(),
+        mode=mode,
+        settings=wandb.Settings(console="off", silent=True),
+    )
     try:
         for t in result["tables"]:
             rows = []
-            for (row, col) in sorted(t.cells):
+            for row, col in sorted(t.cells):
                 mean, std, n = t.stats(row, col)
                 rows.append([row, col, mean, None if math.isnan(std) else std, n])
-            run.log({f"report/{t.key}": wandb.Table(columns=["model", "estimator", "neg_bound_mean", "neg_bound_std",
-                                                            "seeds"], data=rows)})
+            run.log(
+                {
+                    f"report/{t.key}": wandb.Table(
+                        columns=["model", "estimator", "neg_bound_mean", "neg_bound_std", "seeds"], data=rows
+                    )
+                }
+            )
         run.log({f"report/{p.stem}": wandb.Image(str(p), caption=title) for title, p in result["figures"]})
     finally:
         run.finish()
@@ -515,24 +602,39 @@ def log_to_wandb(result: dict[str, Any], mode: str, project: str, group: str | N
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m runners.report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("paths", nargs="+", type=Path, help="run directories, sweep directories, or folders of them")
-    ap.add_argument("--out", type=Path, default=None, help="output folder (default: <the one path>/report, "
-                    "or outputs/reports/<time> for several)")
-    ap.add_argument("--wandb", choices=["offline", "online"], default=None,
-                    help="also log the tables and plots to W&B (one run, job_type=report)")
+    ap.add_argument(
+        "paths", nargs="+", type=Path, help="run directories, sweep directories, or folders of them"
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: <the one path>/report, or outputs/reports/<time> for several)",
+    )
+    ap.add_argument(
+        "--wandb",
+        choices=["offline", "online"],
+        default=None,
+        help="also log the tables and plots to W&B (one run, job_type=report)",
+    )
     ap.add_argument("--project", default="gradest")
     ap.add_argument("--group", default=None, help="W&B group (default: the first path's folder name)")
     args = ap.parse_args(argv)
-    out = args.out or (args.paths[0] / "report" if len(args.paths) == 1
-                       else Path("outputs/reports") / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    out = args.out or (
+        args.paths[0] / "report"
+        if len(args.paths) == 1
+        else Path("outputs/reports") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    )
     result = write_report(args.paths, out)
     for t in result["tables"]:
         print(f"\n{t.title}  [{t.key}]\n{t.markdown()}")
     counts = defaultdict(int)
     for r in result["runs"]:
         counts[r.status] += 1
-    print(f"\n{len(result['runs'])} runs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
-          f"report: {out / 'report.html'} and {out / 'report.md'}")
+    print(
+        f"\n{len(result['runs'])} runs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
+        f"report: {out / 'report.html'} and {out / 'report.md'}"
+    )
     if args.wandb:
         wdir = log_to_wandb(result, args.wandb, args.project, args.group or args.paths[0].resolve().name)
         if wdir is not None and args.wandb == "offline":

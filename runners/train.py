@@ -50,7 +50,9 @@ class Run:
     basket: dict[str, Estimator]
     optimizer: torch.optim.Optimizer
     device: torch.device
-    reference: Estimator | None = None  # variance.bias.reference: the unbiased estimator bias is measured against
+    reference: Estimator | None = (
+        None  # variance.bias.reference: the unbiased estimator bias is measured against
+    )
     basket_optimizer: torch.optim.Optimizer | None = None  # trains the basket estimators' own nets (IDB)
 
     def measured(self, name: str) -> dict[str, Estimator]:
@@ -58,18 +60,24 @@ class Run:
         return {**self.basket, name: self.estimator}
 
 
-def build_optimizer(cfg: DictConfig, model: torch.nn.Module, estimator: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: DictConfig, model: torch.nn.Module, estimator: torch.nn.Module
+) -> torch.optim.Optimizer:
     """Adam or SGD with momentum; the estimator's own parameters (baseline nets) get ``estimator_lr``."""
     groups = [{"params": list(model.parameters()), "lr": float(cfg.lr)}]
     est_params = list(estimator.parameters())
     if est_params:
         groups.append({"params": est_params, "lr": float(cfg.get("estimator_lr") or cfg.lr)})
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, betas=tuple(cfg.get("betas", (0.9, 0.999))),
-                                weight_decay=float(cfg.get("weight_decay", 0.0)))
+        return torch.optim.Adam(
+            groups,
+            betas=tuple(cfg.get("betas", (0.9, 0.999))),
+            weight_decay=float(cfg.get("weight_decay", 0.0)),
+        )
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, momentum=float(cfg.get("momentum", 0.9)),
-                               weight_decay=float(cfg.get("weight_decay", 0.0)))
+        return torch.optim.SGD(
+            groups, momentum=float(cfg.get("momentum", 0.9)), weight_decay=float(cfg.get("weight_decay", 0.0))
+        )
     raise ValueError(f"optim.name={cfg.name!r}: choose adam or sgd")
 
 
@@ -85,25 +93,36 @@ def build(cfg: DictConfig) -> Run:
     estimator = instantiate(cfg.estimator, context_dim=model.context_dim).to(device)
     basket = {  # the running estimator is measured as itself (with its trained state), not as a fresh copy
         name: instantiate(load_estimator_config(name), context_dim=model.context_dim).to(device)
-        for name in cfg.variance.basket if name != cfg.estimator.name
+        for name in cfg.variance.basket
+        if name != cfg.estimator.name
     }
     optimizer = build_optimizer(cfg.optim, model, estimator)
     basket_params = [p for est in basket.values() for p in est.parameters()]
     basket_optimizer = None
     if basket_params:  # same optimiser and rate as the running estimator's own nets
-        basket_optimizer = build_optimizer(cfg.optim, torch.nn.Module(), torch.nn.ParameterList(basket_params))
+        basket_optimizer = build_optimizer(
+            cfg.optim, torch.nn.Module(), torch.nn.ParameterList(basket_params)
+        )
     reference = None
     if cfg.variance.get("bias") is not None:
         ref_name = cfg.variance.bias.reference
         reference = instantiate(load_estimator_config(ref_name), context_dim=model.context_dim).to(device)
         if not getattr(reference, "unbiased", False):  # e.g. REINFORCE with a normalised signal
-            raise ConfigError(f"variance.bias.reference={ref_name!r} is biased as configured: choose an unbiased one")
+            raise ConfigError(
+                f"variance.bias.reference={ref_name!r} is biased as configured: choose an unbiased one"
+            )
     return Run(data, model, estimator, basket, optimizer, device, reference, basket_optimizer)
 
 
 @torch.no_grad()
-def evaluate(model: LatentVariableModel, split, batch_size: int, n_samples: int = 1, chunk: int = 100,
-             max_examples: int | None = None) -> float:
+def evaluate(
+    model: LatentVariableModel,
+    split,
+    batch_size: int,
+    n_samples: int = 1,
+    chunk: int = 100,
+    max_examples: int | None = None,
+) -> float:
     """Mean over the split of the bound with ``n_samples`` importance samples (1 = the ELBO)."""
     model.eval()
     total, count = 0.0, 0
@@ -124,8 +143,9 @@ def evaluate(model: LatentVariableModel, split, batch_size: int, n_samples: int 
     return total / max(count, 1)
 
 
-def save_checkpoint(path: Path, run: Run, step: int, batch_gen: torch.Generator, logger: RunLogger,
-                    elapsed: float) -> None:
+def save_checkpoint(
+    path: Path, run: Run, step: int, batch_gen: torch.Generator, logger: RunLogger, elapsed: float
+) -> None:
     atomic_torch_save(
         {
             "step": step,
@@ -178,28 +198,54 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     est_name = cfg.estimator.get("name", "estimator")
     lg = cfg.logger
     logger = RunLogger(
-        run_dir, resolved, mode=lg.mode, project=lg.project, entity=lg.get("entity"),
-        group=group or lg.get("group") or cfg.get("experiment_name") or f"{model_name}", job_type=est_name,
-        name=f"{model_name}-{est_name}-{cfg.seed}", tags=list(lg.get("tags") or []), resume_lines=resume_lines,
+        run_dir,
+        resolved,
+        mode=lg.mode,
+        project=lg.project,
+        entity=lg.get("entity"),
+        group=group or lg.get("group") or cfg.get("experiment_name") or f"{model_name}",
+        job_type=est_name,
+        name=f"{model_name}-{est_name}-{cfg.seed}",
+        tags=list(lg.get("tags") or []),
+        resume_lines=resume_lines,
     )
     exit_code = 1
     try:
-        summary = _loop(cfg, run, logger, train_split, val_split, test_split, batch_gen, start, elapsed, run_dir)
+        summary = _loop(
+            cfg, run, logger, train_split, val_split, test_split, batch_gen, start, elapsed, run_dir
+        )
         exit_code = 0
     finally:
         logger.finish(exit_code)
     return summary
 
 
-def _loop(cfg, run: Run, logger: RunLogger, train_split, val_split, test_split, batch_gen, start: int,
-          elapsed: float, run_dir: Path) -> dict[str, Any]:
+def _loop(
+    cfg,
+    run: Run,
+    logger: RunLogger,
+    train_split,
+    val_split,
+    test_split,
+    batch_gen,
+    start: int,
+    elapsed: float,
+    run_dir: Path,
+) -> dict[str, Any]:
     model, estimator, opt = run.model, run.estimator, run.optimizer
     t, ev, var_cfg = cfg.train, cfg.eval, cfg.variance
     steps = int(t.steps)
     var_batch = None
     last_var = float("nan")
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"{cfg.model.name}/{cfg.estimator.name}",
-               dynamic_ncols=True, mininterval=1.0, disable=bool(cfg.get("quiet", False)))
+    bar = tqdm(
+        range(start, steps),
+        initial=start,
+        total=steps,
+        desc=f"{cfg.model.name}/{cfg.estimator.name}",
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=bool(cfg.get("quiet", False)),
+    )
     tick = time.perf_counter()
     train_elbo = float("nan")
     for step in bar:
@@ -208,19 +254,31 @@ def _loop(cfg, run: Run, logger: RunLogger, train_split, val_split, test_split, 
             val = evaluate(model, val_split, int(ev.batch_size), 1, max_examples=t.get("val_examples"))
             logger.log({"val/elbo": val, "time/elapsed": elapsed + time.perf_counter() - tick}, step)
             if logger.wandb is not None and hasattr(model, "generate"):
-                logger.log_images("samples", sample_grid(model, int(cfg.seed) + step), step, caption=f"step {step}")
+                logger.log_images(
+                    "samples", sample_grid(model, int(cfg.seed) + step), step, caption=f"step {step}"
+                )
         # --- gradient variance at these parameters, on one fixed minibatch
         if int(var_cfg.every) > 0 and step % int(var_cfg.every) == 0:
             if var_batch is None:
-                var_batch = train_split.sample_batch(int(var_cfg.batch_size),
-                                                     torch.Generator().manual_seed(int(cfg.seed) + 1))
+                var_batch = train_split.sample_batch(
+                    int(var_cfg.batch_size), torch.Generator().manual_seed(int(cfg.seed) + 1)
+                )
             metrics = {}
             for name, est in run.measured(cfg.estimator.name).items():
                 stats = gradient_variance(model, est, var_batch, int(var_cfg.samples), seed=step)
                 metrics.update({f"grad/{name}/{k}": v for k, v in stats.items()})
             if run.reference is not None:  # bias against the unbiased reference (runners/trajectory.py)
-                metrics.update(bias_metrics(model, run.measured(cfg.estimator.name), var_batch,
-                                            int(var_cfg.samples), run.reference, int(var_cfg.bias.samples), seed=step))
+                metrics.update(
+                    bias_metrics(
+                        model,
+                        run.measured(cfg.estimator.name),
+                        var_batch,
+                        int(var_cfg.samples),
+                        run.reference,
+                        int(var_cfg.bias.samples),
+                        seed=step,
+                    )
+                )
             last_var = metrics.get(f"grad/{cfg.estimator.name}/log10_var", float("nan"))
             logger.log(metrics, step)
         # --- one step
@@ -237,12 +295,19 @@ def _loop(cfg, run: Run, logger: RunLogger, train_split, val_split, test_split, 
         if not math.isfinite(train_elbo):
             raise FloatingPointError(f"training ELBO is {train_elbo} at step {done}: lower optim.lr")
         if done % int(t.log_every) == 0:
-            logger.log({"train/elbo": train_elbo, **{f"train/{k}": v for k, v in est.diagnostics.items()},
-                        "time/elapsed": elapsed + time.perf_counter() - tick}, done)
+            logger.log(
+                {
+                    "train/elbo": train_elbo,
+                    **{f"train/{k}": v for k, v in est.diagnostics.items()},
+                    "time/elapsed": elapsed + time.perf_counter() - tick,
+                },
+                done,
+            )
         bar.set_postfix(elbo=f"{train_elbo:.2f}", log10_var=f"{last_var:.2f}", refresh=False)
         if done % int(t.checkpoint_every) == 0 or done == steps:
-            save_checkpoint(run_dir / CHECKPOINT, run, done, batch_gen, logger,
-                            elapsed + time.perf_counter() - tick)
+            save_checkpoint(
+                run_dir / CHECKPOINT, run, done, batch_gen, logger, elapsed + time.perf_counter() - tick
+            )
     bar.close()
     elapsed += time.perf_counter() - tick
 
@@ -261,16 +326,37 @@ def _loop(cfg, run: Run, logger: RunLogger, train_split, val_split, test_split, 
         path = model.plot(run_dir / "density.png")
         logger.log_images("density", str(path), steps, caption="target and fitted density")
     columns = ["model", "estimator", "seed", "steps", "test/elbo", f"test/bound_{m}", "train_seconds"]
-    logger.log_table("test/table", columns, [[cfg.model.name, cfg.estimator.name, int(cfg.seed), steps,
-                                              result["test/elbo"], result[f"test/bound_{m}"], elapsed]], steps)
+    logger.log_table(
+        "test/table",
+        columns,
+        [
+            [
+                cfg.model.name,
+                cfg.estimator.name,
+                int(cfg.seed),
+                steps,
+                result["test/elbo"],
+                result[f"test/bound_{m}"],
+                elapsed,
+            ]
+        ],
+        steps,
+    )
     if hasattr(model, "generate"):
         grid = sample_grid(model, int(cfg.seed) + steps)
         save_png(grid, run_dir / SAMPLES_PNG)
         logger.log_images("samples", grid, steps, caption=f"step {steps}")
     summary = {
-        "model": cfg.model.name, "estimator": cfg.estimator.name, "seed": int(cfg.seed), "steps": steps,
-        "train/elbo": train_elbo, **result, "eval_samples": m, "train_seconds": elapsed,
-        "run_dir": str(run_dir), "wandb_sync": logger.sync_command(),
+        "model": cfg.model.name,
+        "estimator": cfg.estimator.name,
+        "seed": int(cfg.seed),
+        "steps": steps,
+        "train/elbo": train_elbo,
+        **result,
+        "eval_samples": m,
+        "train_seconds": elapsed,
+        "run_dir": str(run_dir),
+        "wandb_sync": logger.sync_command(),
     }
     logger.summary(summary)
     atomic_json(summary, run_dir / SUMMARY)
@@ -321,7 +407,9 @@ def sample_grid(model: LatentVariableModel, seed: int, n: int = N_SAMPLE_IMAGES)
     grid = torch.full((rows * (side + 2), rows * (side + 2)), 0.5)  # [H, W] grey gaps between images
     for i, img in enumerate(probs.view(n, side, side)):  # [side, side]
         r, c = divmod(i, rows)
-        grid[r * (side + 2) + 1 : r * (side + 2) + 1 + side, c * (side + 2) + 1 : c * (side + 2) + 1 + side] = img
+        grid[
+            r * (side + 2) + 1 : r * (side + 2) + 1 + side, c * (side + 2) + 1 : c * (side + 2) + 1 + side
+        ] = img
     return grid.numpy()
 
 

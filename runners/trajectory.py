@@ -40,8 +40,9 @@ from models.base import LatentVariableModel
 from runners.variance import _flat_grad
 
 
-def gradient_moments(model: LatentVariableModel, estimator: Estimator, x: Tensor, n_draws: int,
-                     seed: int = 0) -> tuple[Tensor, Tensor]:
+def gradient_moments(
+    model: LatentVariableModel, estimator: Estimator, x: Tensor, n_draws: int, seed: int = 0
+) -> tuple[Tensor, Tensor]:
     """Mean and unbiased variance over ``n_draws`` estimates of d E[cost] / d params on minibatch ``x``; [P] each,
     float64. The estimator's running state is left untouched and the global RNG forked."""
     if n_draws < 2:
@@ -68,8 +69,9 @@ def gradient_moments(model: LatentVariableModel, estimator: Estimator, x: Tensor
     return mean, var
 
 
-def bias_stats(mean: Tensor, var: Tensor, n: int, ref_mean: Tensor, ref_var: Tensor | None,
-               ref_n: int | None) -> dict[str, float]:
+def bias_stats(
+    mean: Tensor, var: Tensor, n: int, ref_mean: Tensor, ref_var: Tensor | None, ref_n: int | None
+) -> dict[str, float]:
     """``z2``, ``rel_sq`` and ``cos`` of one estimator's moments against the reference's (see the module doc).
     ``ref_var=None`` means the reference is exact."""
     diff = mean - ref_mean  # [P]
@@ -84,8 +86,15 @@ def bias_stats(mean: Tensor, var: Tensor, n: int, ref_mean: Tensor, ref_var: Ten
     return {"z2": z2, "rel_sq": rel_sq, "cos": cos}
 
 
-def bias_metrics(model: LatentVariableModel, estimators: dict[str, Estimator], x: Tensor, n_draws: int,
-                 reference: Estimator | Tensor, ref_draws: int = 1000, seed: int = 0) -> dict[str, float]:
+def bias_metrics(
+    model: LatentVariableModel,
+    estimators: dict[str, Estimator],
+    x: Tensor,
+    n_draws: int,
+    reference: Estimator | Tensor,
+    ref_draws: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
     """``{"bias/<name>/z2": ..., ...}`` for every estimator against ``reference`` (an unbiased estimator,
     averaged over ``ref_draws`` estimates, or an exact gradient [P])."""
     if isinstance(reference, Tensor):
@@ -97,5 +106,10 @@ def bias_metrics(model: LatentVariableModel, estimators: dict[str, Estimator], x
     out = {}
     for name, est in estimators.items():
         mean, var = gradient_moments(model, est, x, n_draws, seed=seed)
-        out.update({f"bias/{name}/{k}": v for k, v in bias_stats(mean, var, n_draws, ref_mean, ref_var, ref_n).items()})
+        out.update(
+            {
+                f"bias/{name}/{k}": v
+                for k, v in bias_stats(mean, var, n_draws, ref_mean, ref_var, ref_n).items()
+            }
+        )
     return out

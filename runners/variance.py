@@ -20,7 +20,9 @@ from models.base import LatentVariableModel
 
 def _flat_grad(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
+    )
 
 
 def gradient_variance(
@@ -35,7 +37,9 @@ def gradient_variance(
         raise ValueError(f"variance.samples must be >= 2 to estimate a variance, got {n_draws}")
     params = [p for p in model.parameters() if p.requires_grad]
     rec_ids = {id(p) for p in model.recognition_parameters()}
-    rec_mask = torch.cat([torch.full((p.numel(),), id(p) in rec_ids, dtype=torch.bool) for p in params])  # [P]
+    rec_mask = torch.cat(
+        [torch.full((p.numel(),), id(p) in rec_ids, dtype=torch.bool) for p in params]
+    )  # [P]
     saved = {k: v.clone() for k, v in estimator.state_dict().items()}
     was_updating = estimator.update_state
     estimator.update_state = False

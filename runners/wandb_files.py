@@ -53,7 +53,9 @@ def history(records: list[Any]) -> list[dict[str, Any]]:
     rows = []
     for r in records:
         if r.WhichOneof("record_type") == "history":
-            rows.append({(it.key or "/".join(it.nested_key)): json.loads(it.value_json) for it in r.history.item})
+            rows.append(
+                {(it.key or "/".join(it.nested_key)): json.loads(it.value_json) for it in r.history.item}
+            )
     return rows
 
 
@@ -72,8 +74,13 @@ def run_info(records: list[Any]) -> dict[str, str]:
     """Id, group, job type and name of the run, as the W&B UI will show them."""
     for r in records:
         if r.WhichOneof("record_type") == "run":
-            return {"id": r.run.run_id, "project": r.run.project, "group": r.run.run_group,
-                    "job_type": r.run.job_type, "name": r.run.display_name}
+            return {
+                "id": r.run.run_id,
+                "project": r.run.project,
+                "group": r.run.run_group,
+                "job_type": r.run.job_type,
+                "name": r.run.display_name,
+            }
     return {}
 
 

@@ -49,11 +49,14 @@ def exact_objective(model: LatentVariableModel, x: Tensor) -> Tensor:
 
 def flat_grad(loss: Tensor, params: list[torch.nn.Parameter]) -> Tensor:
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
+    )
 
 
-def mc_gradients(model: LatentVariableModel, estimator: Estimator, x: Tensor, groups: int = 200,
-                 replicas: int = 500) -> Tensor:
+def mc_gradients(
+    model: LatentVariableModel, estimator: Estimator, x: Tensor, groups: int = 200, replicas: int = 500
+) -> Tensor:
     """[G, P]: G independent gradient estimates, each averaged over ``replicas`` copies of the batch."""
     params = list(model.parameters())
     x_rep = x.repeat(replicas, 1)  # [R*B, X]
@@ -70,7 +73,9 @@ def z_scores(samples: Tensor, exact: Tensor) -> Tensor:
     mean, std = samples.mean(0), samples.std(0)  # [P]
     diff = mean - exact
     z = diff / (std / g**0.5)
-    return torch.where(std > 0, z, torch.where(diff.abs() < 1e-9, torch.zeros_like(z), torch.full_like(z, float("inf"))))
+    return torch.where(
+        std > 0, z, torch.where(diff.abs() < 1e-9, torch.zeros_like(z), torch.full_like(z, float("inf")))
+    )
 
 
 def tiny_sbn(layers: list[int], x_dim: int = 5, nonlinear: bool = False, seed: int = 0):

@@ -55,8 +55,14 @@ class Toy(nn.Module):
 
     def f_prime(self, z: Tensor) -> Tensor:
         w = self.w.detach()
-        return torch.stack([self.a[0] + self.c * z[..., 1], self.a[1] + self.c * z[..., 0],
-                            self.a[2] + w.expand_as(z[..., 2])], -1)  # [S, B, D]
+        return torch.stack(
+            [
+                self.a[0] + self.c * z[..., 1],
+                self.a[1] + self.c * z[..., 0],
+                self.a[2] + w.expand_as(z[..., 2]),
+            ],
+            -1,
+        )  # [S, B, D]
 
     def cost_fn(self, sample, n_samples: int) -> Tensor:
         logits = self.logits().expand(n_samples, self.B, self.D)  # [S, B, D]
@@ -77,8 +83,9 @@ class Toy(nn.Module):
         return torch.autograd.grad(value, [self.theta, self.w])
 
 
-def expected_gradient(estimator, cost_fns: list[Callable], sizes: list[int], params: list[nn.Parameter],
-                      monkeypatch, module) -> Tensor:
+def expected_gradient(
+    estimator, cost_fns: list[Callable], sizes: list[int], params: list[nn.Parameter], monkeypatch, module
+) -> Tensor:
     """Exact E[estimate] of a score-function-type estimator that samples with ``module.draw_detached``.
 
     Every joint state of the Bernoulli sites (sizes D_1..D_L, same state for every example) is forced in turn
@@ -101,7 +108,9 @@ def expected_gradient(estimator, cost_fns: list[Callable], sizes: list[int], par
             monkeypatch.setattr(module, "draw_detached", draw)
             est = estimator(cost_fn, None)
             grads = torch.autograd.grad(est.surrogate, params, allow_unused=True)
-            g = torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1) for gi, p in zip(grads, params)])
+            g = torch.cat(
+                [(gi if gi is not None else torch.zeros_like(p)).reshape(-1) for gi, p in zip(grads, params)]
+            )
             p_state = torch.stack(weight).sum().exp()
             total = p_state * g if total is None else total + p_state * g
     return total / len(cost_fns)

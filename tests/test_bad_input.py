@@ -35,8 +35,14 @@ def run_env() -> dict[str, str]:
 
 
 def run_py(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=run_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def have(group: str, name: str) -> bool:
@@ -45,7 +51,11 @@ def have(group: str, name: str) -> bool:
 
 # (id, arguments, strings the message must contain)
 CASES = [
-    ("unknown-estimator", ["estimator=foo"], ["unknown estimator 'foo'", "choose one of:", "reinforce", "reinforce_ma"]),
+    (
+        "unknown-estimator",
+        ["estimator=foo"],
+        ["unknown estimator 'foo'", "choose one of:", "reinforce", "reinforce_ma"],
+    ),
     ("unknown-model", ["model=nope"], ["unknown model 'nope'", "sbn", "vae"]),
     ("unknown-preset", ["experiment=nope"], ["unknown experiment 'nope'", "choose one of:"]),
     ("unknown-in-sweep", ["-m", "estimator=reinforce,foo"], ["unknown estimator 'foo'", "reinforce_ma"]),
@@ -55,24 +65,55 @@ CASES = [
     ("one-variance-sample", ["variance.samples=1"], ["variance.samples=1 is out of range", ">= 2"]),
     ("zero-batch", ["train.batch_size=0"], ["train.batch_size=0 is out of range", ">= 1"]),
     ("negative-steps", ["train.steps=-5"], ["train.steps=-5 is out of range", ">= 0"]),
-    ("bad-decay", ["estimator=reinforce_ma", "estimator.decay=1.5"], ["estimator.decay=1.5 is out of range", "[0, 1)"]),
+    (
+        "bad-decay",
+        ["estimator=reinforce_ma", "estimator.decay=1.5"],
+        ["estimator.decay=1.5 is out of range", "[0, 1)"],
+    ),
     ("bad-logger-mode", ["logger.mode=sometimes"], ["logger.mode='sometimes' is out of range", "offline"]),
     ("bad-device", ["device=gpu7"], ["device='gpu7' is out of range", "cuda:N"]),
-    ("zero-components", ["model=mixture_vae", "estimator=implicit_mixture", "model.components=0"],
-     ["model.components=0 is out of range", "an integer >= 1"]),
-    ("estimator-cannot-serve", ["model=sbn", "estimator=reparam"],
-     ["estimator 'reparam' cannot serve model 'sbn'", "bernoulli latents", "Estimators that can:", "reinforce"]),
-    ("muprop-on-mixture", ["model=mixture_vae", "estimator=muprop"],
-     ["estimator 'muprop' cannot serve model 'mixture_vae'", "mixture latents", "Estimators that can:"]),
-    ("basket-cannot-serve", ["model=sbn", "estimator=reinforce", "variance.basket=[reparam]"],
-     ["variance.basket[reparam] 'reparam' cannot serve model 'sbn'"]),
-    ("loo-needs-two-samples", ["estimator=reinforce_loo", "estimator.n_samples=1"],
-     ["estimator.n_samples=1 is out of range", ">= 2"]),
-    ("biased-bias-reference", ["runner=trajectory", "variance.bias.reference=st"],
-     ["variance.bias.reference='st' is a biased estimator", "Unbiased estimators for this model:"]),
+    (
+        "zero-components",
+        ["model=mixture_vae", "estimator=implicit_mixture", "model.components=0"],
+        ["model.components=0 is out of range", "an integer >= 1"],
+    ),
+    (
+        "estimator-cannot-serve",
+        ["model=sbn", "estimator=reparam"],
+        [
+            "estimator 'reparam' cannot serve model 'sbn'",
+            "bernoulli latents",
+            "Estimators that can:",
+            "reinforce",
+        ],
+    ),
+    (
+        "muprop-on-mixture",
+        ["model=mixture_vae", "estimator=muprop"],
+        ["estimator 'muprop' cannot serve model 'mixture_vae'", "mixture latents", "Estimators that can:"],
+    ),
+    (
+        "basket-cannot-serve",
+        ["model=sbn", "estimator=reinforce", "variance.basket=[reparam]"],
+        ["variance.basket[reparam] 'reparam' cannot serve model 'sbn'"],
+    ),
+    (
+        "loo-needs-two-samples",
+        ["estimator=reinforce_loo", "estimator.n_samples=1"],
+        ["estimator.n_samples=1 is out of range", ">= 2"],
+    ),
+    (
+        "biased-bias-reference",
+        ["runner=trajectory", "variance.bias.reference=st"],
+        ["variance.bias.reference='st' is a biased estimator", "Unbiased estimators for this model:"],
+    ),
 ]
-NEEDS = {"zero-components": ("model", "mixture_vae"), "muprop-on-mixture": ("model", "mixture_vae"),
-         "loo-needs-two-samples": ("estimator", "reinforce_loo"), "biased-bias-reference": ("estimator", "st")}
+NEEDS = {
+    "zero-components": ("model", "mixture_vae"),
+    "muprop-on-mixture": ("model", "mixture_vae"),
+    "loo-needs-two-samples": ("estimator", "reinforce_loo"),
+    "biased-bias-reference": ("estimator", "st"),
+}
 
 
 @pytest.mark.parametrize("args,expected", [pytest.param(a, e, id=i) for i, a, e in CASES])
@@ -91,14 +132,22 @@ def test_bad_command_is_refused(tmp_path, request, args, expected):
     assert err.startswith("error: ") or "\nerror: " in err, err
     for text in expected:
         assert text in err, f"{text!r} not in:\n{err}"
-    assert "Traceback" not in err and "DataError" not in err and "Set the environment variable" not in err, err
+    assert "Traceback" not in err and "DataError" not in err and "Set the environment variable" not in err, (
+        err
+    )
     assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
 def test_missing_data_is_a_clean_error(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_py([f"data.root={tmp_path / 'no-data'}", "data.download=false", "logger=disabled",
-                   f"hydra.run.dir={run_dir}"])
+    proc = run_py(
+        [
+            f"data.root={tmp_path / 'no-data'}",
+            "data.download=false",
+            "logger=disabled",
+            f"hydra.run.dir={run_dir}",
+        ]
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
     assert "data.root" in proc.stderr  # the message says how to point the runner at the data

@@ -81,6 +81,17 @@ def test_logger_yaml_composes(name, tiny_cfg):
 def test_required_keys_exist(tiny_cfg):
     """Keys users, scripts and presets rely on."""
     cfg = tiny_cfg()
-    for key in ["seed", "device", "data.root", "train.steps", "train.batch_size", "train.eval_every",
-                "eval.samples", "variance.every", "variance.samples", "variance.basket", "logger.mode"]:
+    for key in [
+        "seed",
+        "device",
+        "data.root",
+        "train.steps",
+        "train.batch_size",
+        "train.eval_every",
+        "eval.samples",
+        "variance.every",
+        "variance.samples",
+        "variance.basket",
+        "logger.mode",
+    ]:
         assert OmegaConf.select(cfg, key, throw_on_missing=True) is not None or key == "variance.basket", key

@@ -209,6 +209,7 @@ def test_disarm_exact():
     torch.testing.assert_close(base, b2)
     torch.testing.assert_close(flipped, b1)
     with torch.no_grad():
-        g = (0.5 * (toy.f(b1) - toy.f(b2)).unsqueeze(-1) * (b1 != b2).double() * (-1.0) ** b2
-             * sig(phi.abs()))  # [1, B, D]
+        g = (
+            0.5 * (toy.f(b1) - toy.f(b2)).unsqueeze(-1) * (b1 != b2).double() * (-1.0) ** b2 * sig(phi.abs())
+        )  # [1, B, D]
     check(toy, out, per_example_mean(g), (b2[..., 2] + 2 * toy.w).mean().detach())

@@ -48,12 +48,20 @@ def build(name: str, **overrides):
 
 
 def mixture_estimators(unbiased: bool) -> list[str]:
-    return [n for n in ESTIMATORS if "mixture" in estimator_class(n).supports and estimator_class(n).unbiased == unbiased]
+    return [
+        n
+        for n in ESTIMATORS
+        if "mixture" in estimator_class(n).supports and estimator_class(n).unbiased == unbiased
+    ]
 
 
 def mixture_specific() -> list[str]:
     """The estimators written for mixtures (not general ones such as REINFORCE that also serve them)."""
-    return [n for n in ESTIMATORS if "mixture" in estimator_class(n).supports and "bernoulli" not in estimator_class(n).supports]
+    return [
+        n
+        for n in ESTIMATORS
+        if "mixture" in estimator_class(n).supports and "bernoulli" not in estimator_class(n).supports
+    ]
 
 
 def rescaled(name: str) -> bool:
@@ -121,14 +129,17 @@ def wiggly_exact(m: FixedMixture, nodes: int = 60) -> Tensor:
     t, w = np.polynomial.hermite.hermgauss(nodes)
     t = torch.tensor(t, dtype=torch.float64)  # [N]
     w = torch.tensor(w, dtype=torch.float64) / math.sqrt(math.pi)  # [N]
-    z = m.loc + math.sqrt(2) * m.scale * t  # [K, N]: E_N(mu, s)[c] = sum_i w_i c(mu + sqrt(2) s t_i) / sqrt(pi)
+    z = (
+        m.loc + math.sqrt(2) * m.scale * t
+    )  # [K, N]: E_N(mu, s)[c] = sum_i w_i c(mu + sqrt(2) s t_i) / sqrt(pi)
     per_component = (w * wiggly_cost(z.unsqueeze(-1), m)).sum(-1)  # [K]
     return (torch.softmax(m.logits, -1) * per_component).sum()
 
 
 def wiggly_model() -> FixedMixture:
-    return FixedMixture(logits=[0.2, -0.4, 0.5], loc=[[-1.2], [0.3], [1.4]], scale=[[0.5], [0.8], [0.4]],
-                        cost=wiggly_cost)
+    return FixedMixture(
+        logits=[0.2, -0.4, 0.5], loc=[[-1.2], [0.3], [1.4]], scale=[[0.5], [0.8], [0.4]], cost=wiggly_cost
+    )
 
 
 PROBLEMS = {"quadratic": (quadratic_model, quadratic_exact), "quadrature_1d": (wiggly_model, wiggly_exact)}
@@ -147,12 +158,18 @@ def mc_gradients(model: FixedMixture, estimator, groups: int = 200, replicas: in
     for _ in range(groups):
         est = estimator(model.cost_fn(x), x)
         grads = torch.autograd.grad(est.surrogate, params, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
+        rows.append(
+            torch.cat(
+                [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
+            )
+        )
     return torch.stack(rows)  # [G, P]
 
 
 def test_mixture_estimators_found():
-    assert {"implicit_mixture", "graves_mixture", "mixture_score", "mixture_exact"} <= set(mixture_estimators(True))
+    assert {"implicit_mixture", "graves_mixture", "mixture_score", "mixture_exact"} <= set(
+        mixture_estimators(True)
+    )
     assert "mixture_gumbel" in mixture_estimators(False)
 
 
@@ -181,7 +198,9 @@ def test_biased_mixture_estimator_is_biased(est_name: str):
     g_exact = exact_gradient(model, quadratic_exact)
     torch.manual_seed(3)
     g = mc_gradients(model, build(est_name))
-    assert z_scores(g, g_exact).abs().max() > Z_MAX, f"{est_name} is marked biased but matches the exact gradient"
+    assert z_scores(g, g_exact).abs().max() > Z_MAX, (
+        f"{est_name} is marked biased but matches the exact gradient"
+    )
 
 
 @pytest.mark.parametrize("est_name", ["mixture_gumbel", "mixture_gumbel_st"])
@@ -233,6 +252,7 @@ def one_sample(est_name: str, model: FixedMixture, seed: int = 0, **overrides):
             z = sample(name, dist)
             seen.append(z.detach())
             return z
+
         return model.cost(torch.zeros(1, 1, dtype=torch.float64), spy, n)
 
     torch.manual_seed(seed)
@@ -270,8 +290,9 @@ def test_implicit_one_sample_by_hand():
 
 def separated_model() -> FixedMixture:
     """Components 8 standard deviations apart: the sampled index is the nearest component (P(wrong) < 1e-12)."""
-    return FixedMixture(logits=[0.2, -0.4, 0.5], loc=[[-8.0], [0.0], [8.0]], scale=[[1.0], [0.7], [0.9]],
-                        cost=wiggly_cost)
+    return FixedMixture(
+        logits=[0.2, -0.4, 0.5], loc=[[-8.0], [0.0], [8.0]], scale=[[1.0], [0.7], [0.9]], cost=wiggly_cost
+    )
 
 
 def test_graves_one_sample_by_hand():
@@ -361,7 +382,9 @@ def test_mixture_estimators_serve_gaussian_sites(est_name: str):
     loc = torch.zeros(3, requires_grad=True)
 
     def cost_fn(sample, n):
-        z = sample("z", torch.distributions.Independent(torch.distributions.Normal(loc.expand(n, 2, 3), 1.0), 1))
+        z = sample(
+            "z", torch.distributions.Independent(torch.distributions.Normal(loc.expand(n, 2, 3), 1.0), 1)
+        )
         return (z * z).sum(-1)  # [S, B]
 
     est = build(est_name).float()

@@ -58,10 +58,12 @@ def test_exact_expectation_toy(monkeypatch):
             logits = toy.logits()[b : b + 1].expand(n, 1, toy.D)  # [S, 1, D]
             z = sample("z1", Independent(Bernoulli(logits=logits, validate_args=False), 1))  # [S, 1, D]
             return toy.f(z)  # [S, 1]
+
         return cost_fn
 
-    got = expected_gradient(est, [cost_fn_of(b) for b in range(toy.B)], [toy.D], [toy.theta, toy.w],
-                            monkeypatch, muprop_module)
+    got = expected_gradient(
+        est, [cost_fn_of(b) for b in range(toy.B)], [toy.D], [toy.theta, toy.w], monkeypatch, muprop_module
+    )
     torch.testing.assert_close(got, exact, rtol=1e-10, atol=1e-12)
 
 
@@ -75,8 +77,14 @@ def test_exact_expectation_sbn(layers, monkeypatch):
     params = list(model.parameters())
     exact = flat_grad(exact_objective(model, x), params)  # [P]
     est = build("muprop", model.context_dim)
-    got = expected_gradient(est, [model.cost_fn(x[b : b + 1]) for b in range(x.shape[0])], layers, params,
-                            monkeypatch, muprop_module)
+    got = expected_gradient(
+        est,
+        [model.cost_fn(x[b : b + 1]) for b in range(x.shape[0])],
+        layers,
+        params,
+        monkeypatch,
+        muprop_module,
+    )
     torch.testing.assert_close(got, exact, rtol=1e-9, atol=1e-10)
 
 
@@ -95,8 +103,12 @@ def test_gaussian_latents_unbiased():
     exact = torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, [m, log_s])])
     est = build("muprop")
     torch.manual_seed(3)
-    g = torch.stack([torch.cat([x.reshape(-1) for x in torch.autograd.grad(est(cost_fn).surrogate, [m, log_s])])
-                     for _ in range(200)])  # [G, P]
+    g = torch.stack(
+        [
+            torch.cat([x.reshape(-1) for x in torch.autograd.grad(est(cost_fn).surrogate, [m, log_s])])
+            for _ in range(200)
+        ]
+    )  # [G, P]
     assert z_scores(g, exact).abs().max() < Z_MAX
     assert z_scores(g, 1.1 * exact).abs().max() > Z_MAX  # and the check has the power to see a 10% error
 

@@ -55,8 +55,14 @@ def sweep_line(name: str) -> tuple[str, list[str]] | None:
 
 
 def test_presets_found():
-    expected = {"muprop_table2_mnist_2layer", "muprop_table2_mnist_3layer", "muprop_table3_sbn_1layer",
-                "muprop_table3_sbn_2layer", "muprop_table3_sbn_3layer", "muprop_table3_sbn_nonlinear"}
+    expected = {
+        "muprop_table2_mnist_2layer",
+        "muprop_table2_mnist_3layer",
+        "muprop_table3_sbn_1layer",
+        "muprop_table3_sbn_2layer",
+        "muprop_table3_sbn_3layer",
+        "muprop_table3_sbn_nonlinear",
+    }
     assert expected <= set(PRESETS)
 
 
@@ -127,8 +133,15 @@ def tiny_root(tmp_path_factory) -> Path:
     return write_binarized_mnist(tmp_path_factory.mktemp("data"), n_train=50, n_valid=10, n_test=10)
 
 
-SMOKE = ["train.steps=3", "train.eval_every=2", "eval.samples=2", "variance.every=0", "logger.mode=disabled",
-         "quiet=true", "device=cpu"]
+SMOKE = [
+    "train.steps=3",
+    "train.eval_every=2",
+    "eval.samples=2",
+    "variance.every=0",
+    "logger.mode=disabled",
+    "quiet=true",
+    "device=cpu",
+]
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -151,8 +164,16 @@ def test_preset_trains_a_few_steps(name: str, tiny_root: Path, tmp_path: Path):
 def test_run_py_with_a_preset(tiny_root: Path, tmp_path: Path):
     name = "muprop_table2_mnist_2layer"
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "run.py", f"experiment={name}", *SMOKE, f"data.root={tiny_root}", "data.verify=false",
-           "data.download=false", f"hydra.run.dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "run.py",
+        f"experiment={name}",
+        *SMOKE,
+        f"data.root={tiny_root}",
+        "data.verify=false",
+        "data.download=false",
+        f"hydra.run.dir={run_dir}",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -26,5 +26,7 @@ def test_readme_example_runs(index, capsys):
 def test_readme_starts_with_the_two_commands():
     text = (ROOT / "README.md").read_text()
     first_block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
-    assert first_block.splitlines()[0].startswith("make run") and first_block.splitlines()[1].startswith("make test")
+    assert first_block.splitlines()[0].startswith("make run") and first_block.splitlines()[1].startswith(
+        "make test"
+    )
     assert "make test" in (ROOT / ".ci" / "run").read_text()

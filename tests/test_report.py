@@ -18,16 +18,34 @@ from runners import report, wandb_files
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def make_run(d: Path, model: str = "sbn", layers=(200,), estimator: str = "reinforce", seed: int = 1,
-             lr: float = 3e-4, test_elbo: float | None = -100.0, bound: float | None = -95.0, steps: int = 20,
-             basket: tuple[str, ...] = (), bias: bool = False, error: str | None = None) -> Path:
+def make_run(
+    d: Path,
+    model: str = "sbn",
+    layers=(200,),
+    estimator: str = "reinforce",
+    seed: int = 1,
+    lr: float = 3e-4,
+    test_elbo: float | None = -100.0,
+    bound: float | None = -95.0,
+    steps: int = 20,
+    basket: tuple[str, ...] = (),
+    bias: bool = False,
+    error: str | None = None,
+) -> Path:
     d.mkdir(parents=True)
-    config = {"seed": seed, "device": "auto", "model": {"_target_": "models.sbn.SBN", "name": model,
-                                                        "layers": list(layers)},
-              "estimator": {"name": estimator, "n_samples": 1}, "optim": {"name": "adam", "lr": lr},
-              "train": {"steps": steps, "batch_size": 100}, "data": {"name": "binarized_mnist", "root": f"/d{seed}"},
-              "eval": {"samples": 100}, "variance": {"every": 10, "basket": list(basket)},
-              "logger": {"mode": "disabled"}, "git_rev": f"abc{seed}"}
+    config = {
+        "seed": seed,
+        "device": "auto",
+        "model": {"_target_": "models.sbn.SBN", "name": model, "layers": list(layers)},
+        "estimator": {"name": estimator, "n_samples": 1},
+        "optim": {"name": "adam", "lr": lr},
+        "train": {"steps": steps, "batch_size": 100},
+        "data": {"name": "binarized_mnist", "root": f"/d{seed}"},
+        "eval": {"samples": 100},
+        "variance": {"every": 10, "basket": list(basket)},
+        "logger": {"mode": "disabled"},
+        "git_rev": f"abc{seed}",
+    }
     if error:  # a job that failed before train.py wrote anything: Hydra's copy of the config, error.txt
         (d / ".hydra").mkdir()
         (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
@@ -36,11 +54,17 @@ def make_run(d: Path, model: str = "sbn", layers=(200,), estimator: str = "reinf
     (d / "config.yaml").write_text(yaml.safe_dump(config))
     recs = []
     for step in range(0, steps + 1, 10):
-        rec = {"step": step, "val/elbo": test_elbo + step / 10 - seed if test_elbo else -200.0 + step,
-               "time/elapsed": step * 0.5 * seed}
+        rec = {
+            "step": step,
+            "val/elbo": test_elbo + step / 10 - seed if test_elbo else -200.0 + step,
+            "time/elapsed": step * 0.5 * seed,
+        }
         recs.append(rec)
         if step < steps:
-            g = {f"grad/{estimator}/log10_var": 2.0 - step / 10 + seed, f"grad/{estimator}/log10_var_rec": 1.0}
+            g = {
+                f"grad/{estimator}/log10_var": 2.0 - step / 10 + seed,
+                f"grad/{estimator}/log10_var_rec": 1.0,
+            }
             for b in basket:
                 g.update({f"grad/{b}/log10_var": 1.0 - step / 20, f"grad/{b}/log10_var_rec": 0.5})
             if bias:
@@ -48,8 +72,17 @@ def make_run(d: Path, model: str = "sbn", layers=(200,), estimator: str = "reinf
             recs.append({"step": step, **g})
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     if test_elbo is not None:
-        (d / "summary.json").write_text(json.dumps({"model": model, "estimator": estimator, "seed": seed,
-                                                    "test/elbo": test_elbo, "test/bound_100": bound}))
+        (d / "summary.json").write_text(
+            json.dumps(
+                {
+                    "model": model,
+                    "estimator": estimator,
+                    "seed": seed,
+                    "test/elbo": test_elbo,
+                    "test/bound_100": bound,
+                }
+            )
+        )
         (d / "DONE").write_text("finished\n")
     return d
 
@@ -61,8 +94,14 @@ def sweep(tmp_path) -> Path:
     for layers in ((200,), (200, 200)):
         for est, base in (("reinforce", -110.0), ("muprop", -100.0)):
             for seed in (1, 2, 3):
-                make_run(s / f"{n}_sbn_{est}_s{seed}", layers=layers, estimator=est, seed=seed,
-                         test_elbo=base - len(layers) - seed, bound=base + 5 - len(layers) - seed)
+                make_run(
+                    s / f"{n}_sbn_{est}_s{seed}",
+                    layers=layers,
+                    estimator=est,
+                    seed=seed,
+                    test_elbo=base - len(layers) - seed,
+                    bound=base + 5 - len(layers) - seed,
+                )
                 n += 1
     make_run(s / f"{n}_sbn_st_s1", estimator="st", error="ConfigError: boom")
     make_run(s / f"{n + 1}_sbn_reinforce_s9", estimator="reinforce", seed=9, test_elbo=None)  # killed mid-way
@@ -113,8 +152,13 @@ def test_seeds_are_averaged_only_over_the_seed(tmp_path):
 
 def test_trajectory_plot_and_cli(tmp_path, capsys):
     for seed in (1, 2):
-        make_run(tmp_path / "t" / f"run{seed}", estimator="reinforce_ma", seed=seed, basket=("reinforce", "st"),
-                 bias=True)
+        make_run(
+            tmp_path / "t" / f"run{seed}",
+            estimator="reinforce_ma",
+            seed=seed,
+            basket=("reinforce", "st"),
+            bias=True,
+        )
     report.main([str(tmp_path / "t"), "--out", str(tmp_path / "rep")])
     assert (tmp_path / "rep" / "trajectory.png").read_bytes()[:8] == PNG
     printed = capsys.readouterr().out
@@ -131,7 +175,9 @@ def test_report_logs_a_wandb_table_offline(sweep, tmp_path):
     # W&B stores a logged object as flat keys <key>/_type, <key>/nrows, ...
     merged = {k: v for r in rows for k, v in r.items()}
     for key in ("report/test/elbo", "report/test/bound_100"):
-        assert merged[f"{key}/_type"] == "table-file" and merged[f"{key}/nrows"] == 4  # 2 models x 2 estimators
+        assert (
+            merged[f"{key}/_type"] == "table-file" and merged[f"{key}/nrows"] == 4
+        )  # 2 models x 2 estimators
     assert merged["report/val_elbo_step/_type"] == "image-file"
 
 

@@ -16,8 +16,10 @@ from runners.wandb_files import history, read_records, run_file, run_info
 from tests.conftest import ROOT, TINY
 
 
-@pytest.mark.parametrize("model,estimator", [("sbn", "reinforce"), ("sbn", "reinforce_ma"), ("vae", "reparam"),
-                                             ("vae", "reinforce")])
+@pytest.mark.parametrize(
+    "model,estimator",
+    [("sbn", "reinforce"), ("sbn", "reinforce_ma"), ("vae", "reparam"), ("vae", "reinforce")],
+)
 def test_train_in_process(tiny_cfg, tmp_path, model, estimator):
     cfg = tiny_cfg(f"model={model}", f"estimator={estimator}", "variance.basket=[reinforce]")
     summary = train(cfg, tmp_path)
@@ -28,14 +30,22 @@ def test_train_in_process(tiny_cfg, tmp_path, model, estimator):
     assert [r["step"] for r in rows if "train/elbo" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in rows if "val/elbo" in r and "test/elbo" not in r] == [0, 2]
     grads = [r for r in rows if f"grad/{estimator}/log10_var" in r]
-    assert [r["step"] for r in grads] == [0, 2] and all(f"grad/reinforce/snr" in r for r in grads)
+    assert [r["step"] for r in grads] == [0, 2] and all("grad/reinforce/snr" in r for r in grads)
 
 
 def test_run_py_subprocess(tiny_data_root, tmp_path):
     """``python run.py`` itself: Hydra parses the overrides, writes into the given run dir, prints the bound."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "run.py", "model=sbn", "estimator=reinforce", f"data.root={tiny_data_root}",
-           "data.verify=false", *TINY, f"hydra.run.dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "run.py",
+        "model=sbn",
+        "estimator=reinforce",
+        f"data.root={tiny_data_root}",
+        "data.verify=false",
+        *TINY,
+        f"hydra.run.dir={run_dir}",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "test bound (m=3)" in out.stdout and str(run_dir) in out.stdout
@@ -72,7 +82,9 @@ def test_wandb_offline_files_hold_metrics_and_config(tiny_cfg, tmp_path, monkeyp
     rows = history(records)
     assert [r["step"] for r in rows if "train/elbo" in r] == [1, 2, 3, 4]
     local = [r for r in read_metrics(tmp_path) if "train/elbo" in r]
-    assert [r["train/elbo"] for r in rows if "train/elbo" in r] == pytest.approx([r["train/elbo"] for r in local])
+    assert [r["train/elbo"] for r in rows if "train/elbo" in r] == pytest.approx(
+        [r["train/elbo"] for r in local]
+    )
     assert any("grad/reinforce_ma/log10_var" in r for r in rows)
     conf = wandb_config(records)
     assert conf["estimator"]["name"] == "reinforce_ma" and conf["seed"] == 7 and "git_rev" in conf

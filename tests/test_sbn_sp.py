@@ -117,8 +117,10 @@ def test_bound_approaches_exact_conditional_likelihood():
     model, x = tiny(layers=(3,), x_dim=6, seed=4)
     states = enumerate_states(3)  # [8, D]
     logits = model.hidden_layers[0](x[:, :3] - model.x_mean[:3])  # [B, D]
-    log_ph = (states[:, None] * torch.nn.functional.logsigmoid(logits)
-              + (1 - states[:, None]) * torch.nn.functional.logsigmoid(-logits)).sum(-1)  # [8, B]
+    log_ph = (
+        states[:, None] * torch.nn.functional.logsigmoid(logits)
+        + (1 - states[:, None]) * torch.nn.functional.logsigmoid(-logits)
+    ).sum(-1)  # [8, B]
     p = torch.sigmoid(model.output(states))  # [8, 3]
     y = x[:, 3:]
     log_py = (y[None] * torch.log(p[:, None]) + (1 - y[None]) * torch.log(1 - p[:, None])).sum(-1)  # [8, B]
@@ -177,8 +179,9 @@ def test_reinforce_unbiased_on_enumerable_sp_model():
     model, x = tiny(layers=(2, 2), x_dim=6, seed=6)
     params = list(model.parameters())
     exact = flat_grad(exact_objective(model, x), params)  # [P]
-    est = instantiate(OmegaConf.load(CONF / "estimator" / "reinforce_ma.yaml"),
-                      context_dim=model.context_dim).double()
+    est = instantiate(
+        OmegaConf.load(CONF / "estimator" / "reinforce_ma.yaml"), context_dim=model.context_dim
+    ).double()
     torch.manual_seed(7)
     g = mc_gradients(model, est, x, groups=100, replicas=100)  # [G, P]
     assert z_scores(g, exact).abs().max() < Z_MAX

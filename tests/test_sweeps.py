@@ -42,16 +42,35 @@ def data_root(tmp_path_factory) -> Path:
 
 def tiny(root: Path, steps: int = 12, **extra) -> list[str]:
     """A small run: 8 latent units, 10 examples a batch, a few steps, cheap evaluation."""
-    args = {"data.root": root, "data.verify": "false", "data.download": "false", "logger": "disabled",
-            "quiet": "true", "model": "sbn", "model.layers": "[8]", "train.steps": steps, "train.batch_size": 10,
-            "train.eval_every": 6, "train.log_every": 2, "eval.samples": 3, "eval.chunk": 3, "variance.every": 0}
+    args = {
+        "data.root": root,
+        "data.verify": "false",
+        "data.download": "false",
+        "logger": "disabled",
+        "quiet": "true",
+        "model": "sbn",
+        "model.layers": "[8]",
+        "train.steps": steps,
+        "train.batch_size": 10,
+        "train.eval_every": 6,
+        "train.log_every": 2,
+        "eval.samples": 3,
+        "eval.chunk": 3,
+        "variance.every": 0,
+    }
     args.update(extra)
     return [f"{k}={v}" for k, v in args.items()]
 
 
 def run_py(args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=run_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -60,9 +79,16 @@ def records(run_dir: Path) -> list[dict]:
 
 def test_joblib_parallel_jobs_wandb_in_workers_and_a_failing_job(tmp_path, data_root):
     sweep = tmp_path / "sweep"
-    proc = run_py(["-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}",
-                   "estimator=reparam,reinforce,reinforce_ma",  # reparam cannot serve an SBN: job 0 fails
-                   *tiny(data_root, steps=12, logger="wandb", **{"logger.mode": "offline"})])
+    proc = run_py(
+        [
+            "-m",
+            "hydra/launcher=parallel",
+            "hydra.launcher.n_jobs=2",
+            f"hydra.sweep.dir={sweep}",
+            "estimator=reparam,reinforce,reinforce_ma",  # reparam cannot serve an SBN: job 0 fails
+            *tiny(data_root, steps=12, logger="wandb", **{"logger.mode": "offline"}),
+        ]
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "error: 1 job(s) of the sweep" in proc.stderr and "0_sbn_reparam_s1: ConfigError" in proc.stderr
     err = (sweep / "0_sbn_reparam_s1" / "error.txt").read_text()
@@ -86,16 +112,30 @@ def test_joblib_parallel_jobs_wandb_in_workers_and_a_failing_job(tmp_path, data_
         rows = wandb_files.history(recs)
         assert [r["step"] for r in rows if "val/elbo" in r] == [0, 6, 12]
         # logged objects are stored as flat keys <key>/_type, <key>/nrows, ...
-        assert [r["step"] for r in rows if r.get("samples/_type") == "image-file"] == [0, 6, 12]  # model.generate
+        assert [r["step"] for r in rows if r.get("samples/_type") == "image-file"] == [
+            0,
+            6,
+            12,
+        ]  # model.generate
         assert [(r["test/table/_type"], r["test/table/nrows"]) for r in rows if "test/table/_type" in r] == [
-            ("table-file", 1)]
+            ("table-file", 1)
+        ]
         assert wandb_files.config(recs)["estimator"]["name"] == est
 
 
 def test_submitit_local_executor_runs_a_job(tmp_path, data_root):
     sweep = tmp_path / "sweep"
-    proc = run_py(["-m", "hydra/launcher=local", "hydra.launcher.timeout_min=30", f"hydra.sweep.dir={sweep}",
-                   "estimator=reinforce", "seed=3", *tiny(data_root, steps=6)])
+    proc = run_py(
+        [
+            "-m",
+            "hydra/launcher=local",
+            "hydra.launcher.timeout_min=30",
+            f"hydra.sweep.dir={sweep}",
+            "estimator=reinforce",
+            "seed=3",
+            *tiny(data_root, steps=6),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = sweep / "0_sbn_reinforce_s3"
     assert (run / "DONE").exists(), proc.stderr[-3000:]
@@ -106,11 +146,16 @@ def test_submitit_local_executor_runs_a_job(tmp_path, data_root):
 def test_slurm_launcher_composes():
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
     lc = cfg.hydra.launcher
     assert lc._target_.endswith("submitit_launcher.SlurmLauncher")
-    assert lc.partition == "gpu" and lc.gpus_per_node == 1 and lc.tasks_per_node == 1 and lc.max_num_timeout > 0
+    assert (
+        lc.partition == "gpu" and lc.gpus_per_node == 1 and lc.tasks_per_node == 1 and lc.max_num_timeout > 0
+    )
     assert {"cpus_per_task", "timeout_min", "array_parallelism", "gres", "setup"} <= set(lc)
     from hydra.utils import instantiate
 
@@ -121,11 +166,25 @@ def test_kill_and_rerun_resumes_to_the_uninterrupted_metrics(tmp_path, data_root
     from runners.train import train
 
     steps, ckpt = 600, 100
-    common = tiny(data_root, steps=steps, **{"train.eval_every": 100, "train.log_every": 10,
-                                             "train.checkpoint_every": ckpt, "estimator": "reinforce_ma"})
+    common = tiny(
+        data_root,
+        steps=steps,
+        **{
+            "train.eval_every": 100,
+            "train.log_every": 10,
+            "train.checkpoint_every": ckpt,
+            "estimator": "reinforce_ma",
+        },
+    )
     # job 0 fails before training (a range error: no import, no data); job 1 trains and is killed
-    cmd = ["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "optim.lr=-1,0.001", *common, "logger=wandb",
-           "logger.mode=offline"]
+    cmd = [
+        "-m",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "optim.lr=-1,0.001",
+        *common,
+        "logger=wandb",
+        "logger.mode=offline",
+    ]
     run_dir = tmp_path / "sweep" / "1_sbn_reinforce_ma_s1"
 
     # the uninterrupted reference, in this process, one thread like the subprocesses
@@ -140,8 +199,14 @@ def test_kill_and_rerun_resumes_to_the_uninterrupted_metrics(tmp_path, data_root
         torch.set_num_threads(threads)
     reference = records(tmp_path / "reference")
 
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *cmd], cwd=ROOT, env=run_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *cmd],
+        cwd=ROOT,
+        env=run_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline, killed_at = time.monotonic() + 600, None
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -165,7 +230,9 @@ def test_kill_and_rerun_resumes_to_the_uninterrupted_metrics(tmp_path, data_root
     run_id = (run_dir / "wandb_id.txt").read_text()
 
     again = run_py(cmd)
-    assert again.returncode == 1 and "0_sbn_reinforce_ma_s1: ConfigError: optim.lr=-1" in again.stderr, again.stderr
+    assert again.returncode == 1 and "0_sbn_reinforce_ma_s1: ConfigError: optim.lr=-1" in again.stderr, (
+        again.stderr
+    )
     assert f"resuming from {run_dir / 'checkpoint.pt'} at step {ckpt_step}" in again.stdout
     error = (run_dir / "error.txt").read_text() if (run_dir / "error.txt").exists() else ""
     assert (run_dir / "DONE").exists(), error + again.stderr[-2000:]
@@ -187,7 +254,9 @@ def test_kill_and_rerun_resumes_to_the_uninterrupted_metrics(tmp_path, data_root
         except Exception:  # noqa: BLE001 - the killed run's file may end in a cut record
             pass
     assert ids == {run_id.strip()}  # the resumed run continued the same W&B run
-    assert wandb_files.run_info(wandb_files.read_records(wandb_files.run_file(run_dir)))["id"] == run_id.strip()
+    assert (
+        wandb_files.run_info(wandb_files.read_records(wandb_files.run_file(run_dir)))["id"] == run_id.strip()
+    )
 
     third = run_py(cmd)
     assert f"already finished: {run_dir}" in third.stdout

@@ -98,12 +98,36 @@ def test_basket_and_bias_along_one_trajectory(tmp_path):
 
     torch.set_num_threads(1)
     root = write_binarized_mnist(tmp_path / "data")
-    base = [f"data.root={root}", "data.verify=false", "data.download=false", "logger=disabled", "quiet=true",
-            "model=sbn", "model.layers=[8]", "estimator=reinforce", "train.steps=12", "train.batch_size=10",
-            "train.eval_every=6", "train.log_every=2", "eval.samples=3", "eval.chunk=3"]
+    base = [
+        f"data.root={root}",
+        "data.verify=false",
+        "data.download=false",
+        "logger=disabled",
+        "quiet=true",
+        "model=sbn",
+        "model.layers=[8]",
+        "estimator=reinforce",
+        "train.steps=12",
+        "train.batch_size=10",
+        "train.eval_every=6",
+        "train.log_every=2",
+        "eval.samples=3",
+        "eval.chunk=3",
+    ]
     train(compose_cfg([*base, "variance.every=0"]), tmp_path / "plain")
-    train(compose_cfg([*base, "runner=trajectory", "variance.every=6", "variance.samples=4",
-                       "variance.basket=[reinforce_ma]", "variance.bias.samples=8"]), tmp_path / "measured")
+    train(
+        compose_cfg(
+            [
+                *base,
+                "runner=trajectory",
+                "variance.every=6",
+                "variance.samples=4",
+                "variance.basket=[reinforce_ma]",
+                "variance.bias.samples=8",
+            ]
+        ),
+        tmp_path / "measured",
+    )
 
     def records(d: Path) -> list[dict]:
         return [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
@@ -112,8 +136,14 @@ def test_basket_and_bias_along_one_trajectory(tmp_path):
     at = [r for r in measured if "bias/reinforce/z2" in r]
     assert [r["step"] for r in at] == [0, 6]
     for r in at:
-        for key in ("grad/reinforce/log10_var", "grad/reinforce_ma/log10_var", "bias/reinforce/z2",
-                    "bias/reinforce_ma/z2", "bias/reinforce_ma/rel_sq", "bias/reinforce/cos"):
+        for key in (
+            "grad/reinforce/log10_var",
+            "grad/reinforce_ma/log10_var",
+            "bias/reinforce/z2",
+            "bias/reinforce_ma/z2",
+            "bias/reinforce_ma/rel_sq",
+            "bias/reinforce/cos",
+        ):
             assert key in r, key
     # at step 0 the moving average has seen nothing: reinforce_ma is reinforce, draw for draw; after six
     # training minibatches its baseline is learned, so it differs
