@@ -37,36 +37,7 @@ from torch import Tensor
 
 from estimators.base import Estimator
 from models.base import LatentVariableModel
-from runners.variance import _flat_grad
-
-
-def gradient_moments(
-    model: LatentVariableModel, estimator: Estimator, x: Tensor, n_draws: int, seed: int = 0
-) -> tuple[Tensor, Tensor]:
-    """Mean and unbiased variance over ``n_draws`` estimates of d E[cost] / d params on minibatch ``x``; [P] each,
-    float64. The estimator's running state is left untouched and the global RNG forked."""
-    if n_draws < 2:
-        raise ValueError(f"need at least 2 draws to estimate a variance, got {n_draws}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    saved = {k: v.clone() for k, v in estimator.state_dict().items()}
-    was_updating = estimator.update_state
-    estimator.update_state = False
-    devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    total = total_sq = None
-    try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            for _ in range(n_draws):
-                est = estimator(model.cost_fn(x), model.context(x))
-                g = _flat_grad(est.surrogate, params).double()  # [P]
-                total = g if total is None else total + g
-                total_sq = g * g if total_sq is None else total_sq + g * g
-    finally:
-        estimator.load_state_dict(saved)
-        estimator.update_state = was_updating
-    mean = total / n_draws  # [P]
-    var = (total_sq / n_draws - mean * mean).clamp_min(0) * n_draws / (n_draws - 1)  # [P]
-    return mean, var
+from runners.variance import gradient_moments
 
 
 def bias_stats(

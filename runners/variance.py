@@ -25,21 +25,14 @@ def _flat_grad(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
     )
 
 
-def gradient_variance(
-    model: LatentVariableModel,
-    estimator: Estimator,
-    x: Tensor,
-    n_draws: int = 100,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Variance statistics of ``n_draws`` estimates of d E[cost] / d model parameters on minibatch ``x``."""
+def gradient_moments(
+    model: LatentVariableModel, estimator: Estimator, x: Tensor, n_draws: int, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased variance over ``n_draws`` estimates of d E[cost] / d params on minibatch ``x``; [P]
+    each, float64. The estimator's running state is left untouched and the global RNG forked."""
     if n_draws < 2:
         raise ValueError(f"variance.samples must be >= 2 to estimate a variance, got {n_draws}")
     params = [p for p in model.parameters() if p.requires_grad]
-    rec_ids = {id(p) for p in model.recognition_parameters()}
-    rec_mask = torch.cat(
-        [torch.full((p.numel(),), id(p) in rec_ids, dtype=torch.bool) for p in params]
-    )  # [P]
     saved = {k: v.clone() for k, v in estimator.state_dict().items()}
     was_updating = estimator.update_state
     estimator.update_state = False
@@ -58,6 +51,23 @@ def gradient_variance(
         estimator.update_state = was_updating
     mean = total / n_draws  # [P]
     var = (total_sq / n_draws - mean * mean).clamp_min(0) * n_draws / (n_draws - 1)  # [P], unbiased
+    return mean, var
+
+
+def gradient_variance(
+    model: LatentVariableModel,
+    estimator: Estimator,
+    x: Tensor,
+    n_draws: int = 100,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Variance statistics of ``n_draws`` estimates of d E[cost] / d model parameters on minibatch ``x``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rec_ids = {id(p) for p in model.recognition_parameters()}
+    rec_mask = torch.cat(
+        [torch.full((p.numel(),), id(p) in rec_ids, dtype=torch.bool) for p in params]
+    )  # [P]
+    mean, var = gradient_moments(model, estimator, x, n_draws, seed)  # [P] each
     snr = mean.abs() / var.sqrt().clamp_min(1e-30)  # [P]
     out = {"var": var.mean().item(), "snr": snr.mean().item()}
     if rec_mask.any():
