@@ -30,6 +30,7 @@ from hydra.core.global_hydra import GlobalHydra
 from runners import wandb_files
 from tests.datafiles import write_binarized_mnist
 from tests.test_bad_input import run_env
+from tests.test_bad_input import run_py as _run_py
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -63,14 +64,8 @@ def tiny(root: Path, steps: int = 12, **extra) -> list[str]:
 
 
 def run_py(args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *args],
-        cwd=ROOT,
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """``python run.py`` as test_bad_input runs it, with the longer limit a whole sweep needs."""
+    return _run_py(args, timeout=timeout)
 
 
 def records(run_dir: Path) -> list[dict]:
