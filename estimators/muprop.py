@@ -7,23 +7,42 @@
 Gu, Levine, Sutskever, Mnih, "MuProp: Unbiased Backpropagation for Stochastic Neural Networks", ICLR 2016,
 Eq. 3 and Algorithm 1. **Unbiased** for the plain, C and IDB variants. The VN variant is unbiased only up to a positive
 scale of the latent-path gradient (as NVIL), so its instance declares ``unbiased = False``.
+Latents: Bernoulli and one-hot categorical sites (z_bar_i = class probabilities, z_i one-hot), and Gaussian.
 
 Algorithm 1, as implemented here:
 
-1. mean-field pass: at every stochastic site the sampler returns ``z_bar_i = dist.mean``, detached and made
-   a leaf that requires grad; ``f(z_bar)`` is the cost of that deterministic pass and
-   ``f'(z_bar_i) = d f(z_bar) / d z_bar_i`` (a *partial* derivative: z_bar_{i+1} is its own leaf, so the path
-   through the next layer's mean is not included; this is the gradient of f seen as a function of
-   (z_1, ..., z_L), which is what the Taylor expansion needs). One pass with S = 1 serves all S samples:
-   the mean-field point does not depend on the sample.
+1. mean-field pass: the model runs once with each site's mean in place of a sample, z_bar_1 = mu_1(x),
+   z_bar_{i+1} = mu_{i+1}(z_bar_i), and ``f(z_bar)`` is the cost of that deterministic pass.
+   ``f'(z_bar_i)`` is the **total** derivative d f(z_bar) / d z_bar_i through the mean-field network
+   (``derivative: total``, the default and the paper's form): Algorithm 1 takes Gradients(f(x_bar), x_bar_i)
+   with x_bar_{i+1} a function of x_bar_i, and Eq. 11 carries the products mu'_j(x_bar_{j-1}) of the layers
+   above, i.e. for a chain f'(z_bar_i) = df/dz_bar_i|_partial + sum_{j>i} (dz_bar_j/dz_bar_i)^T df/dz_bar_j|_partial.
+   It is read off by autograd as the gradient with respect to a zero perturbation ``e_i`` added to each
+   mean, z_bar_i = mu_i(z_bar_{i-1}) + e_i (every path from z_bar_i to f, direct and through the layers
+   above, passes through e_i). ``derivative: partial`` detaches each mean before adding e_i, so the paths
+   through z_bar_{i+1..L} are cut: the gradient of f seen as a function of (z_1, ..., z_L). On the
+   structured-prediction model x -> h1 -> h2 -> y (f reads only h2) the partial derivative for h1 is
+   identically zero, so that form leaves h1 with the constant control variate f(z_bar). One pass with S = 1
+   serves all S samples: the mean-field point does not depend on the sample.
 2. stochastic pass: exact samples, no gradient through their values; ``mu_i = dist.mean`` and
    ``log p(z_i | pa_i)`` are taken from the distribution the sampler sees, i.e. at the *sampled* parents.
 3. surrogate ``c = f(z) + sum_i [ log p(z_i|pa_i) * SG(r_i) + mu_i^T SG(f'(z_bar_i)) ]`` with the per-layer
    residual ``r_i = f(z) - f(z_bar) - f'(z_bar_i)^T (z_i - z_bar_i)``.
 
-Why it is unbiased: given the parents, f(z_bar), f'(z_bar_i) and z_bar_i are constants (they come from the
-deterministic pass), so E[grad log p(z_i|pa) * (f(z_bar) + f'^T (z_i - z_bar_i)) | pa] = f'^T grad mu_i(pa),
-which the second term adds back exactly.
+Why it is unbiased (either derivative form). Write a_i = f'(z_bar_i) and b_i = f(z_bar) - a_i^T z_bar_i.
+Both come from the deterministic pass: they are functions of x and theta only, never of the sample, and the
+surrogate holds them constant (SG). The expected surrogate gradient of layer i's Taylor part, conditioned on
+its parents pa_i (the samples of the layers below), is
+
+    E[grad log p(z_i|pa_i) (b_i + a_i^T z_i) | pa_i] = b_i grad 1 + grad (a_i^T E[z_i|pa_i]) = a_i^T grad mu_i(pa_i),
+
+using sum_z grad p(z|pa) = grad 1 = 0 and E[grad log p(z|pa) z] = grad E[z|pa] = grad mu_i(pa_i), with a_i and
+b_i constants. The surrogate adds exactly a_i^T grad mu_i(pa_i) back, so the control variate of every layer
+has zero mean given its parents, hence zero mean overall (tower rule), and E[g] = E[grad log p(z) f(z) +
+grad f(z; theta)] = grad E[f]. Nothing here needs a_i to be a partial or a total derivative, only that it does
+not depend on the sample: the total derivative changes which constant is used (and so the variance), not the
+expectation. (A derivative taken at the *sampled* parents, or through the sample z_i itself, would depend on
+z_i and break this.)
 
 Variance reduction of the residual (MuProp-C, -C-VN, -C-IDB) goes through one ``SignalProcessor`` applied to
 the stacked per-layer residuals ``[L, S, B]``. One shared processor rather than one per layer is a deliberate
@@ -47,26 +66,40 @@ from torch import Tensor
 from estimators.base import CostFn, Estimate, Estimator, Trace, draw_detached, site_log_prob
 from estimators.baselines import SignalProcessor
 
+DERIVATIVES = ("total", "partial")
+
 
 class MeanField:
-    """Sampler of the mean-field pass: returns each site's mean as a fresh leaf that requires grad."""
+    """Sampler of the mean-field pass: returns each site's mean plus a zero perturbation leaf ``e_i``.
 
-    def __init__(self) -> None:
-        self.leaves: dict[str, Tensor] = {}
+    The gradient of f(z_bar) with respect to ``e_i`` is d f / d z_bar_i: the total derivative when the mean
+    keeps its graph (z_bar_{i+1} is then a function of z_bar_i), the partial one when it is detached.
+    """
+
+    def __init__(self, derivative: str = "total") -> None:
+        if derivative not in DERIVATIVES:
+            raise ValueError(f"derivative must be one of {', '.join(DERIVATIVES)}; got {derivative!r}")
+        self.total = derivative == "total"
+        self.leaves: dict[str, Tensor] = {}  # e_i
+        self.values: dict[str, Tensor] = {}  # z_bar_i
 
     def __call__(self, name: str, dist) -> Tensor:
         if name in self.leaves:
             raise ValueError(f"stochastic site {name!r} sampled twice in one pass; site names must be unique")
-        # detached: z_bar_i is an input of the Taylor expansion, not a function of the layers below it, so
-        # d f(z_bar) / d z_bar_i is the partial derivative; requires_grad: a leaf autograd.grad can reach
-        z_bar = dist.mean.detach().requires_grad_(True)  # [1, B, D_i]
-        self.leaves[name] = z_bar
-        return z_bar
+        mean = dist.mean  # [1, B, D_i]
+        # total: keep mean's graph, so the layers above see z_bar_i through mu_{i+1}(z_bar_i) and the
+        # gradient at e_i collects those paths too; partial: detached, z_bar_i enters f only directly
+        mean = mean if self.total else mean.detach()
+        e = torch.zeros_like(mean, requires_grad=True)  # [1, B, D_i], a leaf autograd.grad can reach
+        self.leaves[name] = e
+        self.values[name] = mean + e  # [1, B, D_i], equal to the mean in value
+        return self.values[name]
 
 
 class MuProp(Estimator):
-    # The Taylor control variate needs only a mean and a log-density: Gaussian latents qualify as well.
-    supports = frozenset({"bernoulli", "normal"})
+    # The Taylor control variate needs only a mean and a log-density: Gaussian latents qualify as well, and
+    # one-hot categorical sites, whose mean is the vector of class probabilities (z_bar_i = p_i(pa_i))
+    supports = frozenset({"bernoulli", "categorical", "normal"})
     unbiased = True
 
     def __init__(
@@ -77,10 +110,17 @@ class MuProp(Estimator):
         idb: bool = False,
         decay: float = 0.9,
         idb_hidden: int = 100,
+        derivative: str = "total",
         context_dim: int | None = None,
         name: str | None = None,
     ):
         super().__init__(n_samples=n_samples, context_dim=context_dim, name=name)
+        if derivative not in DERIVATIVES:
+            raise ValueError(
+                f"MuProp derivative must be one of {', '.join(DERIVATIVES)} (total: through the mean-field "
+                f"network, the paper's Algorithm 1; partial: layers above held fixed); got {derivative!r}"
+            )
+        self.derivative = derivative
         self.signal = SignalProcessor(centre, normalise, idb, context_dim, idb_hidden, decay)
         # VN rescales the latent-path gradient by 1 / max(1, sqrt(v)) but not the direct term: unbiased in
         # direction only, so the instance says biased (tests/test_biased.py then asks the bias to show)
@@ -91,14 +131,14 @@ class MuProp(Estimator):
 
         All returned tensors are detached (constants of the surrogate).
         """
-        sampler = MeanField()
+        sampler = MeanField(self.derivative)
         with torch.enable_grad():
             f_bar = cost_fn(sampler, 1)  # [1, B]
             names = list(sampler.leaves)
             # examples are independent, so the gradient of the sum is the per-example gradient; only the
             # leaves are asked for, so no parameter gradient is computed or accumulated
             grads = torch.autograd.grad(f_bar.sum(), [sampler.leaves[n] for n in names], allow_unused=True)
-        z_bar = {n: sampler.leaves[n].detach() for n in names}  # [1, B, D_i]; constants from here on
+        z_bar = {n: sampler.values[n].detach() for n in names}  # [1, B, D_i]; constants from here on
         f_prime = {n: (g if g is not None else torch.zeros_like(z_bar[n])) for n, g in zip(names, grads)}
         return f_bar.detach(), z_bar, f_prime  # detached: the mean-field pass is a control variate only
 

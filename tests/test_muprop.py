@@ -17,7 +17,7 @@ from torch.distributions import Bernoulli, Independent, Normal
 
 import estimators.muprop as muprop_module
 from tests.exact import Z_MAX, enumerate_states, exact_objective, flat_grad, tiny_sbn, z_scores
-from tests.exact_discrete import Toy, build, expected_gradient, one_thread
+from tests.exact_discrete import Chain, Toy, build, expected_gradient, one_thread
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
@@ -123,3 +123,108 @@ def test_signal_state_exists_before_first_step():
     fresh = build("muprop_c_idb", model.context_dim)
     fresh.load_state_dict(est.state_dict())  # strict: same keys
     assert bool(fresh.signal.mean.initialised)
+
+
+# --------------------------------------------------------------------------------------------------
+# The derivative of the Taylor expansion: total (through the mean-field network, the paper's Algorithm 1)
+# against partial (layers above held fixed), on chains and tiny models where the two differ
+# --------------------------------------------------------------------------------------------------
+
+
+def tiny_sp(layers: list[int], seed: int = 0):
+    """A tiny float64 structured-prediction SBN (x_u -> h_1 -> .. -> h_L -> y) and 3 binary examples of 6 pixels."""
+    from models.sbn_sp import SBNSP
+
+    torch.manual_seed(seed)
+    model = SBNSP(6, layers, hidden=4).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.7)  # larger than the default init, so every gradient is far from zero
+    x = (torch.rand(3, 6) < 0.5).double()  # [B, X]
+    return model, x
+
+
+@pytest.mark.parametrize("sizes", [[2, 2], [2, 1, 2]])
+@pytest.mark.parametrize("derivative", ["total", "partial"])
+def test_muprop_chain_one_sample_exact(sizes, derivative):
+    """One sample, S = 1: the estimate equals the formula with f'(z_bar_i) written out by hand, the total
+    derivative f'_i = u_i + W_{i+1}^T [sigmoid'(l_{i+1}(z_bar_i)) f'_{i+1}] or the partial one f'_i = u_i."""
+    chain, est = Chain(sizes, seed=1), build("muprop", derivative=derivative)
+    torch.manual_seed(11)
+    out = est(chain.cost_fn, None)
+    z_bar, zs = chain.seen  # mean-field pass, then the stochastic pass
+    with torch.no_grad():
+        mu_bar = [torch.sigmoid(chain.first_logits()).unsqueeze(0)]  # [1, B, D_1]
+        for i in range(1, len(sizes)):
+            mu_bar.append(torch.sigmoid(chain.logits(i, mu_bar[-1])))  # [1, B, D_i], the mean-field network
+        for a, b in zip(z_bar, mu_bar):
+            torch.testing.assert_close(a, b)
+        fp = chain.f_prime_chain(mu_bar) if derivative == "total" else chain.f_prime_partial(mu_bar)
+        f_z, f_bar = chain.f(zs), chain.f(mu_bar)  # [1, B]
+        residuals = [f_z - f_bar - (p * (z - m)).sum(-1) for p, z, m in zip(fp, zs, mu_bar)]  # [1, B] each
+    hand = chain.score_grads(zs, residuals, fp)
+    got = torch.autograd.grad(out.surrogate, chain.flat_params())
+    for g, h in zip(got, hand):
+        torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-12)
+    if derivative == "partial":  # f does not read z_1 directly: the partial derivative there is zero
+        assert bool((fp[0] == 0).all())
+    else:
+        assert float(fp[0].abs().min()) > 1e-3
+
+
+@pytest.mark.parametrize("sizes", [[2, 2], [1, 2, 2]])
+@pytest.mark.parametrize("derivative", ["total", "partial"])
+def test_muprop_chain_exact_expectation(sizes, derivative, monkeypatch):
+    """E[estimate] by enumeration of every joint state equals the exact gradient for both derivative forms."""
+    chain, est = Chain(sizes, seed=2), build("muprop", derivative=derivative)
+    got = expected_gradient(
+        est, chain.example_cost_fns(), sizes, chain.flat_params(), monkeypatch, muprop_module
+    )
+    torch.testing.assert_close(got, chain.exact(), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("layers", [[2, 2], [2, 1, 2]])
+@pytest.mark.parametrize("derivative", ["total", "partial"])
+def test_exact_expectation_structured_prediction(layers, derivative, monkeypatch):
+    """The structured-prediction model, where the partial derivative for h_1 is identically zero."""
+    model, x = tiny_sp(layers, seed=3)
+    params = list(model.parameters())
+    exact = flat_grad(exact_objective(model, x), params)  # [P]
+    est = build("muprop", model.context_dim, derivative=derivative)
+    got = expected_gradient(
+        est, [model.cost_fn(x[b : b + 1]) for b in range(3)], layers, params, monkeypatch, muprop_module
+    )
+    torch.testing.assert_close(got, exact, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("derivative", ["total", "partial"])
+def test_exact_expectation_sbn_both_forms(derivative, monkeypatch):
+    """The generative SBN (f reads every layer directly): both forms unbiased on a two-layer net."""
+    model, x = tiny_sbn([2, 2], seed=4)
+    params = list(model.parameters())
+    exact = flat_grad(exact_objective(model, x), params)
+    est = build("muprop", model.context_dim, derivative=derivative)
+    got = expected_gradient(
+        est, [model.cost_fn(x[b : b + 1]) for b in range(3)], [2, 2], params, monkeypatch, muprop_module
+    )
+    torch.testing.assert_close(got, exact, rtol=1e-9, atol=1e-10)
+
+
+def test_total_and_partial_derivatives_differ():
+    """On the SP model the partial f'(z_bar_1) is zero and the total one is not; on the SBN they differ."""
+    model, x = tiny_sp([2, 2], seed=3)
+    f_p = build("muprop", derivative="partial").mean_field(model.cost_fn(x))[2]
+    f_t = build("muprop", derivative="total").mean_field(model.cost_fn(x))[2]
+    assert bool((f_p["h1"] == 0).all()) and float(f_t["h1"].abs().min()) > 1e-6
+    torch.testing.assert_close(f_p["h2"], f_t["h2"])  # the top layer has nothing above it
+    model, x = tiny_sbn([2, 2], seed=4)
+    f_p = build("muprop", derivative="partial").mean_field(model.cost_fn(x))[2]
+    f_t = build("muprop", derivative="total").mean_field(model.cost_fn(x))[2]
+    assert float((f_p["z1"] - f_t["z1"]).abs().max()) > 1e-3
+
+
+def test_derivative_option_is_checked():
+    from estimators.muprop import MuProp
+
+    with pytest.raises(ValueError, match="total, partial"):
+        MuProp(derivative="both")
