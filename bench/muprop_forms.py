@@ -2,8 +2,9 @@
 
 MuProp's control variate is the first-order Taylor expansion of f around the mean-field point; its slope
 f'(z_bar_i) is either the **total** derivative through the mean-field network (the paper's Algorithm 1, the
-default) or the **partial** derivative with the layers above held fixed (``derivative: partial``). Both are
-unbiased; this script measures which has the lower variance, per stochastic layer's recognition parameters.
+default and only form of estimators/muprop.py) or the **partial** derivative with the layers above held
+fixed (``PartialMuProp`` below, ``MeanField(total=False)``). Both are unbiased; this script measures which
+has the lower variance, per stochastic layer's recognition parameters.
 
 Models, with real binarized MNIST (``--data-root``, default ``$DATA_ROOT``):
     sp   392-200-200-392 structured prediction (models/sbn_sp.py): parameter groups h1 (x_u -> h1), h2 (h1 -> h2),
@@ -37,12 +38,19 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from data.binarized_mnist import BinarizedMNIST  # noqa: E402
-from estimators.muprop import MuProp  # noqa: E402
+from estimators.muprop import MeanField, MuProp  # noqa: E402
 from models.sbn import SBN  # noqa: E402
 from models.sbn_sp import SBNSP  # noqa: E402
 from runners.variance import gradient_moments  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+
+
+class PartialMuProp(MuProp):
+    """MuProp with the partial derivative f'(z_bar_i) (the layers above held fixed): the comparison form."""
+
+    def mean_field_sampler(self) -> MeanField:
+        return MeanField(total=False)
 
 
 def groups_of(model: torch.nn.Module, kind: str) -> dict[str, list[str]]:
@@ -74,8 +82,9 @@ def build(kind: str, train_mean: torch.Tensor) -> torch.nn.Module:
 def estimators(context_dim: int) -> dict[str, MuProp]:
     out = {}
     for form in ("total", "partial"):
-        out[f"muprop/{form}"] = MuProp(derivative=form, context_dim=context_dim)
-        out[f"muprop_c/{form}"] = MuProp(centre=True, derivative=form, context_dim=context_dim)
+        cls = MuProp if form == "total" else PartialMuProp
+        out[f"muprop/{form}"] = cls(context_dim=context_dim)
+        out[f"muprop_c/{form}"] = cls(centre=True, context_dim=context_dim)
     return out
 
 
@@ -94,7 +103,7 @@ def measure(model, kind, x, draws, warmup, seed) -> dict[str, dict[str, float]]:
 
 def train_steps(model, data, steps: int, seed: int) -> None:
     torch.manual_seed(seed)
-    est = MuProp(centre=True, derivative="total", context_dim=model.context_dim)
+    est = MuProp(centre=True, context_dim=model.context_dim)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     split = data.split("train")
     for _ in range(steps):

@@ -38,7 +38,7 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Bernoulli, Distribution, Independent
+from torch.distributions import Bernoulli, Distribution, Independent, OneHotCategorical
 
 Sampler = Callable[[str, Distribution], Tensor]
 CostFn = Callable[[Sampler, int], Tensor]
@@ -147,6 +147,27 @@ def bernoulli_logits(dist: Distribution) -> Tensor:
     if not isinstance(base, Bernoulli):
         raise ValueError(f"expected a Bernoulli site, got {type(base).__name__}")
     return base.logits
+
+
+def categorical_logits(dist: Distribution) -> Tensor:
+    """The normalised log-probabilities of a (possibly ``Independent``-wrapped) one-hot categorical site:
+    [S, B, V, K] (V variables of K classes)."""
+    base = dist.base_dist if isinstance(dist, Independent) else dist
+    if not isinstance(base, OneHotCategorical):
+        raise ValueError(f"expected a OneHotCategorical site, got {type(base).__name__}")
+    return base.logits
+
+
+def discrete_kind(dist: Distribution) -> str:
+    """``"bernoulli"`` or ``"categorical"`` (one-hot) for a discrete site; ValueError naming both otherwise."""
+    base = dist.base_dist if isinstance(dist, Independent) else dist
+    if isinstance(base, Bernoulli):
+        return "bernoulli"
+    if isinstance(base, OneHotCategorical):
+        return "categorical"
+    raise ValueError(
+        f"expected a Bernoulli or a OneHotCategorical site (possibly in Independent), got {type(base).__name__}"
+    )
 
 
 def draw_detached(name: str, dist: Distribution) -> Tensor:

@@ -1,12 +1,34 @@
-"""The DARN estimator, "1/2" in MuProp's tables: a Taylor expansion of f at the sample, centred at 1/2.
+"""The DARN estimator, "1/2" in MuProp's tables: a Taylor expansion of f at the sample, centred at x_bar.
 
-    g = sum_i grad_theta log p(z_i | pa_i) * f'_i(z)^T (z_i - 1/2)  +  grad_theta f(z; theta)
+    g = sum_i grad_theta log p(z_i | pa_i) * f'_i(z)^T (z_i - x_bar)  +  grad_theta f(z; theta)
 
-with f'_i(z) = d f(z) / d z_i at the sample (z_i treated as an input of f: a leaf, so the partial derivative
-excludes the path through the layers sampled after it). Gregor, Danihelka, Mnih, Blundell, Wierstra,
-"Deep AutoRegressive Networks", ICML 2014; "1/2" in Gu et al. 2016 (their baselines and Tables 1-2).
-**Biased**: exact in expectation when f is multilinear in the units of a layer (for a Bernoulli unit
-f'(z)(z - 1/2) averages to the finite difference f(1) - f(0) only then), biased otherwise.
+Gregor, Danihelka, Mnih, Blundell, Wierstra, "Deep AutoRegressive Networks", ICML 2014 (Sec. 3, the
+gradient of the description length with a first-order expansion of f around the sample); "1/2" in Gu et al.
+2016 (MuProp, Sec. 5 baselines and Tables 2-3). x_bar = 1/2 for Bernoulli units and x_bar = 1/k for one-hot
+categorical variables of k classes (the MuProp paper's choice for its categorical model). **Biased**: for a
+Bernoulli unit f'(z)(z - 1/2) averages to the finite difference f(1) - f(0) only when f is linear in that
+unit given the others (multilinear f of one layer); biased otherwise, and always through the layers above.
+
+f'_i(z) on multi-layer networks. f'_i is the derivative of f with respect to z_i at the sample, *through the
+conditional means of the layers above*, as DARN and the straight-through estimator define the backward pass of
+a stochastic layer: every later sample z_j (j > i) is differentiated as its conditional mean,
+dz_j / dz_{j-1} := d mu_j(z_{j-1}) / dz_{j-1}, evaluated at the sampled parents. For a chain,
+
+    f'_L = df/dz_L,     f'_i = df/dz_i|_direct + (d mu_{i+1}(z_i) / dz_i)^T f'_{i+1}.
+
+(The partial derivative with z_{i+1..L} held fixed, used before, is identically zero for h1 of the
+structured-prediction model x -> h1 -> h2 -> y, whose cost reads only h2: h1 never trained.)
+
+Implementation, one pass: the sampler draws an exact sample b_i (``draw_detached``) and returns b_i + e_i,
+e_i a zero leaf, so f is a function of the e_i with no path to theta through the sample values. Then
+
+1. autograd.grad of f with respect to the e_i gives the direct (partial) derivatives df/dz_i|_direct;
+2. top down, j = L .. 2: f'_j is complete, and the vector-Jacobian product of the conditional mean
+   mu_j(pa_j) (the site's ``dist.mean``, computed from the sampled parents b + e) with f'_j is added to the
+   f' of every earlier layer it reads (its parents: autograd finds them; one layer below in a chain).
+
+The surrogate reuses the same pass: ``f`` differentiates only through the direct dependence on theta and
+log p(z_i | pa_i) is taken at the sampled parents (the e_i carry no theta).
 """
 
 from __future__ import annotations
@@ -15,37 +37,53 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from estimators.base import CostFn, Estimate, Estimator, Trace, site_log_prob
+from estimators.base import CostFn, Estimate, Estimator, Trace, discrete_kind, draw_detached, site_log_prob
+
+
+def centre_of(dist: Distribution, z: Tensor) -> float:
+    """x_bar of a site: 1/2 for Bernoulli units, 1/k for one-hot variables of k classes."""
+    return 0.5 if discrete_kind(dist) == "bernoulli" else 1.0 / z.shape[-1]
 
 
 class Darn(Estimator):
-    supports = frozenset({"bernoulli"})
+    supports = frozenset({"bernoulli", "categorical"})
     unbiased = False
 
     def forward(self, cost_fn: CostFn, context: Tensor | None = None) -> Estimate:
+        leaves: dict[str, Tensor] = {}
+
         def draw(name: str, dist: Distribution) -> Tensor:
-            # detached: an exact sample, no gradient to theta through its value; a leaf requiring grad so
-            # that autograd.grad can return d f / d z_i at the sample
-            return dist.sample().requires_grad_(True)  # [S, B, D]
+            b = draw_detached(name, dist)  # [S, B, D] (or [S, B, V, K]); exact, no gradient through its value
+            leaves[name] = torch.zeros_like(b, requires_grad=True)  # e_i: where f'_i is read off
+            return b + leaves[name]  # equal to b in value
 
         trace = Trace(draw)
         with torch.enable_grad():
             cost = cost_fn(trace, self.n_samples)  # [S, B]
             names = list(trace.sites)
-            zs = [trace.sites[n][1] for n in names]
-            # per-example gradient (examples are independent); retain the graph: the surrogate below
-            # differentiates the same cost again for its direct dependence on theta
-            grads = torch.autograd.grad(cost.sum(), zs, retain_graph=True, allow_unused=True)
+            es = [leaves[n] for n in names]
+            # direct derivatives, per example (examples are independent); the graph is kept: the VJPs
+            # below and the surrogate reuse it
+            direct = torch.autograd.grad(cost.sum(), es, retain_graph=True, allow_unused=True)
+            f_prime = [g if g is not None else torch.zeros_like(e) for g, e in zip(direct, es)]
+            for j in range(len(names) - 1, 0, -1):  # top down: f'_j is complete before it is passed on
+                mu = trace.sites[names[j]][0].mean  # [S, B, D_j], conditional mean at the sampled parents
+                if not mu.requires_grad:
+                    continue
+                # (d mu_j / d z_i)^T f'_j for every earlier layer i that mu_j reads (its parents)
+                back = torch.autograd.grad(
+                    mu, es[:j], grad_outputs=f_prime[j], retain_graph=True, allow_unused=True
+                )
+                f_prime[:j] = [fp if g is None else fp + g for fp, g in zip(f_prime[:j], back)]
+        samples = [trace.sites[n][1].detach() for n in names]  # b_i (e_i = 0)
         signal = torch.stack(
             [
-                ((g if g is not None else torch.zeros_like(z)) * (z.detach() - 0.5)).sum(-1)  # [S, B]
-                for g, z in zip(grads, zs)
+                (fp * (z - centre_of(trace.sites[n][0], z))).flatten(2).sum(-1)  # [S, B]
+                for n, z, fp in zip(names, samples, f_prime)
             ]
-        )  # [L, S, B]; autograd.grad returns no graph, so the signal is a constant of the surrogate
-        log_p = torch.stack(
-            [site_log_prob(trace.sites[n][0], z.detach()) for n, z in zip(names, zs)]
-        )  # [L, S, B]
-        # + cost: direct dependence of f on theta at the fixed sample (z is a leaf: no path to theta);
+        )  # [L, S, B]; autograd.grad returned no graph, so the signal is a constant of the surrogate
+        log_p = torch.stack([site_log_prob(*trace.sites[n]) for n in names])  # [L, S, B], at sampled parents
+        # + cost: direct dependence of f on theta at the fixed sample (the e_i carry no theta);
         # + log_p * signal: score function times the Taylor learning signal (f is minimised)
         surrogate = (cost + (log_p * signal).sum(0)).mean()
         return Estimate(

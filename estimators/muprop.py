@@ -14,16 +14,19 @@ Algorithm 1, as implemented here:
 1. mean-field pass: the model runs once with each site's mean in place of a sample, z_bar_1 = mu_1(x),
    z_bar_{i+1} = mu_{i+1}(z_bar_i), and ``f(z_bar)`` is the cost of that deterministic pass.
    ``f'(z_bar_i)`` is the **total** derivative d f(z_bar) / d z_bar_i through the mean-field network
-   (``derivative: total``, the default and the paper's form): Algorithm 1 takes Gradients(f(x_bar), x_bar_i)
+   (the paper's form): Algorithm 1 takes Gradients(f(x_bar), x_bar_i)
    with x_bar_{i+1} a function of x_bar_i, and Eq. 11 carries the products mu'_j(x_bar_{j-1}) of the layers
    above, i.e. for a chain f'(z_bar_i) = df/dz_bar_i|_partial + sum_{j>i} (dz_bar_j/dz_bar_i)^T df/dz_bar_j|_partial.
    It is read off by autograd as the gradient with respect to a zero perturbation ``e_i`` added to each
    mean, z_bar_i = mu_i(z_bar_{i-1}) + e_i (every path from z_bar_i to f, direct and through the layers
-   above, passes through e_i). ``derivative: partial`` detaches each mean before adding e_i, so the paths
-   through z_bar_{i+1..L} are cut: the gradient of f seen as a function of (z_1, ..., z_L). On the
-   structured-prediction model x -> h1 -> h2 -> y (f reads only h2) the partial derivative for h1 is
-   identically zero, so that form leaves h1 with the constant control variate f(z_bar). One pass with S = 1
-   serves all S samples: the mean-field point does not depend on the sample.
+   above, passes through e_i). The *partial* derivative (each mean detached before adding e_i, so the paths
+   through z_bar_{i+1..L} are cut; ``MeanField(total=False)``) is no longer offered: on the
+   structured-prediction model x -> h1 -> h2 -> y (f reads only h2) it is identically zero for h1, leaving h1
+   with the constant control variate f(z_bar), and measured on 392-200-200-392 and SBN 200-200-784 it was
+   never better (``bench/muprop_forms.py``: recognition-layer variance partial / total = 1.00-1.02 at
+   initialisation and on SBN 200-200-784 after 1000 MuProp-C steps, 1.73-1.89 for h1 of 392-200-200-392
+   after 1000 steps). One pass with S = 1 serves all S samples: the mean-field point does not depend on
+   the sample.
 2. stochastic pass: exact samples, no gradient through their values; ``mu_i = dist.mean`` and
    ``log p(z_i | pa_i)`` are taken from the distribution the sampler sees, i.e. at the *sampled* parents.
 3. surrogate ``c = f(z) + sum_i [ log p(z_i|pa_i) * SG(r_i) + mu_i^T SG(f'(z_bar_i)) ]`` with the per-layer
@@ -66,20 +69,17 @@ from torch import Tensor
 from estimators.base import CostFn, Estimate, Estimator, Trace, draw_detached, site_log_prob
 from estimators.baselines import SignalProcessor
 
-DERIVATIVES = ("total", "partial")
-
 
 class MeanField:
     """Sampler of the mean-field pass: returns each site's mean plus a zero perturbation leaf ``e_i``.
 
     The gradient of f(z_bar) with respect to ``e_i`` is d f / d z_bar_i: the total derivative when the mean
-    keeps its graph (z_bar_{i+1} is then a function of z_bar_i), the partial one when it is detached.
+    keeps its graph (z_bar_{i+1} is then a function of z_bar_i; MuProp's form), the partial one with
+    ``total=False`` (kept for comparisons: ``bench/muprop_forms.py``, tests).
     """
 
-    def __init__(self, derivative: str = "total") -> None:
-        if derivative not in DERIVATIVES:
-            raise ValueError(f"derivative must be one of {', '.join(DERIVATIVES)}; got {derivative!r}")
-        self.total = derivative == "total"
+    def __init__(self, total: bool = True) -> None:
+        self.total = bool(total)
         self.leaves: dict[str, Tensor] = {}  # e_i
         self.values: dict[str, Tensor] = {}  # z_bar_i
 
@@ -110,28 +110,25 @@ class MuProp(Estimator):
         idb: bool = False,
         decay: float = 0.9,
         idb_hidden: int = 100,
-        derivative: str = "total",
         context_dim: int | None = None,
         name: str | None = None,
     ):
         super().__init__(n_samples=n_samples, context_dim=context_dim, name=name)
-        if derivative not in DERIVATIVES:
-            raise ValueError(
-                f"MuProp derivative must be one of {', '.join(DERIVATIVES)} (total: through the mean-field "
-                f"network, the paper's Algorithm 1; partial: layers above held fixed); got {derivative!r}"
-            )
-        self.derivative = derivative
         self.signal = SignalProcessor(centre, normalise, idb, context_dim, idb_hidden, decay)
         # VN rescales the latent-path gradient by 1 / max(1, sqrt(v)) but not the direct term: unbiased in
         # direction only, so the instance says biased (tests/test_biased.py then asks the bias to show)
         self.unbiased = not normalise
+
+    def mean_field_sampler(self) -> MeanField:
+        """The sampler of step 1 (a subclass may return ``MeanField(total=False)`` to compare forms)."""
+        return MeanField()
 
     def mean_field(self, cost_fn: CostFn) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """Step 1 of Algorithm 1: f(z_bar) [1, B], the points z_bar_i [1, B, D_i] and f'(z_bar_i) [1, B, D_i].
 
         All returned tensors are detached (constants of the surrogate).
         """
-        sampler = MeanField(self.derivative)
+        sampler = self.mean_field_sampler()
         with torch.enable_grad():
             f_bar = cost_fn(sampler, 1)  # [1, B]
             names = list(sampler.leaves)

@@ -195,22 +195,43 @@ class Chain(nn.Module):
         self.seen.append([v.detach().clone() for v in zs])
         return self.f(zs)  # [S, B]
 
-    def score_grads(self, zs: list[Tensor], signals: list[Tensor], f_primes: list[Tensor]) -> list[Tensor]:
+    def score_grads(
+        self, zs: list[Tensor], signals: list[Tensor], f_primes: list[Tensor], weights: Tensor | None = None
+    ) -> list[Tensor]:
         """Gradient (theta, W_2.., c_2..) of the batch mean of sum_i [log p(z_i|z_{i-1}) signal_i + mu_i^T f'_i]
-        with mu_i and log p at the given samples: d/dl_i = (z_i - mu_i) signal_i + mu_i (1 - mu_i) f'_i."""
+        with mu_i and log p at the given samples: d/dl_i = (z_i - mu_i) signal_i + mu_i (1 - mu_i) f'_i.
+
+        Without ``weights`` the samples are averaged (S draws); with ``weights`` [S, B] (state probabilities
+        when the S rows enumerate states) they are summed with those weights: an exact expectation."""
         with torch.no_grad():
             logits = [self.first_logits().expand_as(zs[0])] + [
                 self.logits(i, zs[i - 1]) for i in range(1, len(zs))
             ]
+            w = (
+                torch.full(zs[0].shape[:2], 1.0 / zs[0].shape[0], dtype=zs[0].dtype)
+                if weights is None
+                else weights
+            ) / zs[0].shape[1]  # [S, B]: the surrogate averages over the examples
             d_l = []
             for z, l_i, s, fp in zip(zs, logits, signals, f_primes):
                 mu = torch.sigmoid(l_i)
-                d_l.append((z - mu) * s.unsqueeze(-1) + mu * (1 - mu) * fp)  # [S, B, D_i]
-            n = zs[0].shape[0] * zs[0].shape[1]  # the surrogate averages over samples and examples
-            g_theta = d_l[0].sum((0, 1)) / n
-            g_w = [torch.einsum("sbi,sbj->ij", d_l[i], zs[i - 1]) / n for i in range(1, len(zs))]
-            g_c = [d_l[i].sum((0, 1)) / n for i in range(1, len(zs))]
+                d_l.append(w.unsqueeze(-1) * ((z - mu) * s.unsqueeze(-1) + mu * (1 - mu) * fp))  # [S, B, D_i]
+            g_theta = d_l[0].sum((0, 1))
+            g_w = [torch.einsum("sbi,sbj->ij", d_l[i], zs[i - 1]) for i in range(1, len(zs))]
+            g_c = [d_l[i].sum((0, 1)) for i in range(1, len(zs))]
         return [g_theta, *g_w, *g_c]
+
+    def states(self) -> tuple[list[Tensor], Tensor]:
+        """Every joint state, laid along the sample dimension for both examples: ([N, B, D_i] per layer,
+        their probabilities [N, B])."""
+        states = enumerate_states(sum(self.sizes))  # [N, sum D]
+        zs = [c.unsqueeze(1).expand(-1, self.B, -1) for c in states.split(self.sizes, dim=1)]  # [N, B, D_i]
+        with torch.no_grad():
+            logits = [self.first_logits().expand_as(zs[0])] + [
+                self.logits(i, zs[i - 1]) for i in range(1, len(zs))
+            ]
+            log_p = sum(Independent(Bernoulli(logits=l_i), 1).log_prob(z) for l_i, z in zip(logits, zs))
+        return zs, log_p.exp()  # [N, B]
 
     def example_cost_fns(self) -> list[Callable]:
         """One cost function per example (batches of one), as ``expected_gradient`` needs."""

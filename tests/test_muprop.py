@@ -131,6 +131,22 @@ def test_signal_state_exists_before_first_step():
 # --------------------------------------------------------------------------------------------------
 
 
+class PartialMuProp(muprop_module.MuProp):
+    """The partial-derivative form (layers above held fixed), kept for comparison: unbiased too."""
+
+    def mean_field_sampler(self):
+        return muprop_module.MeanField(total=False)
+
+
+def muprop_form(derivative: str, context_dim: int | None = None):
+    """Plain MuProp from conf/estimator/muprop.yaml (total derivative), or its partial-derivative form."""
+    return (
+        build("muprop", context_dim)
+        if derivative == "total"
+        else PartialMuProp(context_dim=context_dim).double()
+    )
+
+
 def tiny_sp(layers: list[int], seed: int = 0):
     """A tiny float64 structured-prediction SBN (x_u -> h_1 -> .. -> h_L -> y) and 3 binary examples of 6 pixels."""
     from models.sbn_sp import SBNSP
@@ -149,7 +165,7 @@ def tiny_sp(layers: list[int], seed: int = 0):
 def test_muprop_chain_one_sample_exact(sizes, derivative):
     """One sample, S = 1: the estimate equals the formula with f'(z_bar_i) written out by hand, the total
     derivative f'_i = u_i + W_{i+1}^T [sigmoid'(l_{i+1}(z_bar_i)) f'_{i+1}] or the partial one f'_i = u_i."""
-    chain, est = Chain(sizes, seed=1), build("muprop", derivative=derivative)
+    chain, est = Chain(sizes, seed=1), muprop_form(derivative)
     torch.manual_seed(11)
     out = est(chain.cost_fn, None)
     z_bar, zs = chain.seen  # mean-field pass, then the stochastic pass
@@ -176,7 +192,7 @@ def test_muprop_chain_one_sample_exact(sizes, derivative):
 @pytest.mark.parametrize("derivative", ["total", "partial"])
 def test_muprop_chain_exact_expectation(sizes, derivative, monkeypatch):
     """E[estimate] by enumeration of every joint state equals the exact gradient for both derivative forms."""
-    chain, est = Chain(sizes, seed=2), build("muprop", derivative=derivative)
+    chain, est = Chain(sizes, seed=2), muprop_form(derivative)
     got = expected_gradient(
         est, chain.example_cost_fns(), sizes, chain.flat_params(), monkeypatch, muprop_module
     )
@@ -190,7 +206,7 @@ def test_exact_expectation_structured_prediction(layers, derivative, monkeypatch
     model, x = tiny_sp(layers, seed=3)
     params = list(model.parameters())
     exact = flat_grad(exact_objective(model, x), params)  # [P]
-    est = build("muprop", model.context_dim, derivative=derivative)
+    est = muprop_form(derivative, model.context_dim)
     got = expected_gradient(
         est, [model.cost_fn(x[b : b + 1]) for b in range(3)], layers, params, monkeypatch, muprop_module
     )
@@ -203,7 +219,7 @@ def test_exact_expectation_sbn_both_forms(derivative, monkeypatch):
     model, x = tiny_sbn([2, 2], seed=4)
     params = list(model.parameters())
     exact = flat_grad(exact_objective(model, x), params)
-    est = build("muprop", model.context_dim, derivative=derivative)
+    est = muprop_form(derivative, model.context_dim)
     got = expected_gradient(
         est, [model.cost_fn(x[b : b + 1]) for b in range(3)], [2, 2], params, monkeypatch, muprop_module
     )
@@ -213,18 +229,11 @@ def test_exact_expectation_sbn_both_forms(derivative, monkeypatch):
 def test_total_and_partial_derivatives_differ():
     """On the SP model the partial f'(z_bar_1) is zero and the total one is not; on the SBN they differ."""
     model, x = tiny_sp([2, 2], seed=3)
-    f_p = build("muprop", derivative="partial").mean_field(model.cost_fn(x))[2]
-    f_t = build("muprop", derivative="total").mean_field(model.cost_fn(x))[2]
+    f_p = muprop_form("partial").mean_field(model.cost_fn(x))[2]
+    f_t = muprop_form("total").mean_field(model.cost_fn(x))[2]
     assert bool((f_p["h1"] == 0).all()) and float(f_t["h1"].abs().min()) > 1e-6
     torch.testing.assert_close(f_p["h2"], f_t["h2"])  # the top layer has nothing above it
     model, x = tiny_sbn([2, 2], seed=4)
-    f_p = build("muprop", derivative="partial").mean_field(model.cost_fn(x))[2]
-    f_t = build("muprop", derivative="total").mean_field(model.cost_fn(x))[2]
+    f_p = muprop_form("partial").mean_field(model.cost_fn(x))[2]
+    f_t = muprop_form("total").mean_field(model.cost_fn(x))[2]
     assert float((f_p["z1"] - f_t["z1"]).abs().max()) > 1e-3
-
-
-def test_derivative_option_is_checked():
-    from estimators.muprop import MuProp
-
-    with pytest.raises(ValueError, match="total, partial"):
-        MuProp(derivative="both")
