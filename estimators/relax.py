@@ -98,7 +98,7 @@ class RELAX(REBAR):
         return self.eta[layer] * (f_relaxed + r)  # [S, B]
 
     def control_variate_penalty(self) -> Tensor | float:
-        """0.5 * wd * |w|^2 over the nets' weights (tf.nn.l2_loss, as the reference)."""
+        """0.5 * wd * |w|^2 over all the nets' parameters (tf.nn.l2_loss over the Q variables, as the reference)."""
         if self.weight_decay == 0:
             return 0.0
         return 0.5 * self.weight_decay * sum(p.square().sum() for n, p in self.nets.named_parameters())
