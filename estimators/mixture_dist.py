@@ -42,15 +42,21 @@ matmul and a triangular solve, O(P K) per coordinate), across blocks the K-vecto
 Python loop over D / P blocks, not over D (the chunked-scan trick of linear-attention kernels). The D x D
 Jacobian is never formed (``implicit_grad_dense_reference`` does that, for tests and benchmarks only).
 
-Numerics: weights and densities in log space; Phi_kd - F_d is taken from lower CDFs where F_d <= 1/2 and
-from upper tails (1 - F_d) - (1 - Phi_kd) otherwise, both via ``log_ndtr`` and a signed log-sub-exp, so
-far-tail samples and log-weights down to -80 keep their digits in float32. The one ill-conditioned
-quantity is 1 / f_d: the ratio c~ = w (Phi - F) / f is formed in log space and its magnitude is clamped at
-sqrt(finfo.max) (~1.8e19 in float32). In the tails of a component the true ratio is a Mills ratio
-(about sigma / |z|) and stays far below the clamp; it is reached only where the conditional density
-underflows relative to the weights, i.e. in deep valleys between far-apart components, which the sampler
-reaches with vanishing probability. There the gradient is clamped (finite, slightly biased) instead of
-being inf / nan.
+Numerics: weights and densities in log space. Phi_kd - F_d = sum_j w_j (Phi_kd - Phi_jd) is formed
+against one reference component r (the largest weight) as G_k - sum_j w_j G_j, G_j = Phi_j - Phi_r, each
+G_j from z_j - z_r computed without cancellation and an interval formula that keeps its digits for short
+intervals (a series) and far tails (log CDFs); see ``_cdf_gaps``. Subtracting F from Phi directly loses all
+digits where one component dominates or where components overlap at a large scale (measured in float32
+before this form: logits gradients off by up to 28x with two components at scale 1e6 and O(1) locations;
+``tests/test_mixture_float32.py`` bounds the float32 error by the gradient's own conditioning). The loc
+gradient of the component with the largest responsibility is written without the u r - A cancellation
+(see ``implicit_grad_structured``). The one ill-conditioned quantity is 1 / f_d: the factor w e^M / f of
+c~ = w (Phi - F) / f is formed in log space and clamped at sqrt(finfo.max) (~1.8e19 in float32). In the
+tails of a component the true ratio is a Mills ratio (about sigma / |z|) and stays far below the clamp;
+it is reached only where the conditional density underflows relative to the weights, i.e. in deep
+valleys between far-apart components, which the sampler reaches with vanishing probability. There the
+gradient is clamped (finite, slightly biased) instead of being inf / nan (in float64, a sample thousands
+of scales from every component can still overflow the solve: such x are not drawn in float64 either).
 """
 
 from __future__ import annotations
@@ -135,15 +141,6 @@ def _reverse_exclusive_cumsum(t: Tensor) -> Tensor:
     return nnf.pad(t[..., 1:].flip(-1).cumsum(-1).flip(-1), (0, 1))  # [..., D]
 
 
-def _log_abs_sub_exp(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """sign(e^a - e^b) and log|e^a - e^b|, exact where both are tiny (no underflow to 0 - 0).
-
-    a and b must be finite (they are log-CDFs of finite z here); a == b gives (0, -inf).
-    """
-    delta = a - b  # [...]
-    return delta.sign(), torch.maximum(a, b) + torch.log(-torch.expm1(-delta.abs()))  # [...], [...]
-
-
 def _log_weights(logits: Tensor, loc: Tensor, scale: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Standardized residuals z, log N(x_d; mu_kd, sigma_kd) and log conditional weights log w_kd."""
     z = (x.unsqueeze(-2) - loc) / scale  # [..., K, D]
@@ -219,21 +216,115 @@ def _solve_transposed(ctil: Tensor, s: Tensor, g: Tensor, block_size: int) -> Te
     """Solve u_h + sum_{d>h} (sum_k s_kh c~_kd) u_d = g_h for u, i.e. J^T v = g with u = f v.
 
     ctil, s ``[N, K, D]``, g ``[N, D]`` -> u ``[N, D]``. Blocks of ``block_size`` coordinates, last first.
+    Built from differentiable ops only (no in-place writes), so autograd can differentiate the solve
+    again (double backward through ``rsample``).
     """
     n, k, d = ctil.shape
-    u = torch.empty_like(g)  # [N, D]
+    blocks = []  # u of each block, last block first
     carry = g.new_zeros(n, k, 1)  # [N, K, 1], R_k = sum_{d >= end of block} u_d c~_kd
     for end in range(d, 0, -block_size):
         start = max(0, end - block_size)
         c_blk = ctil[:, :, start:end]  # [N, K, P]
         s_blk = s[:, :, start:end].transpose(1, 2)  # [N, P, K]
-        # coupling inside the block; triu: only d > h couples (the unit diagonal is u_h itself)
-        a_blk = torch.triu(s_blk @ c_blk, diagonal=1)  # [N, P, P]
         rhs = g[:, start:end].unsqueeze(-1) - s_blk @ carry  # [N, P, 1], coupling to later blocks
-        u_blk = torch.linalg.solve_triangular(a_blk, rhs, upper=True, unitriangular=True)  # [N, P, 1]
-        u[:, start:end] = u_blk.squeeze(-1)
+        if end - start == 1:
+            u_blk = rhs  # [N, 1, 1]; a one-coordinate block has no coupling inside it
+        else:
+            # coupling inside the block; triu: only d > h couples (the unit diagonal is u_h itself)
+            a_blk = torch.triu(s_blk @ c_blk, diagonal=1)  # [N, P, P]
+            u_blk = torch.linalg.solve_triangular(a_blk, rhs, upper=True, unitriangular=True)  # [N, P, 1]
+        blocks.append(u_blk.squeeze(-1))  # [N, P]
         carry = carry + c_blk @ u_blk  # [N, K, 1]
-    return u
+    return torch.cat(blocks[::-1], dim=-1)  # [N, D]
+
+
+def _solve_forward(ctil: Tensor, s: Tensor, rho: Tensor, block_size: int) -> Tensor:
+    """Solve t_d + sum_{h<d} (sum_k c~_kd s_kh) t_h = rho_d for t, i.e. J t = f rho (the jvp's solve).
+
+    ctil, s ``[N, K, D]``, rho ``[N, D]`` -> t ``[N, D]``. The transpose of ``_solve_transposed``:
+    blocks first to last, the carried K-vector is Q_k = sum_{h < start of block} s_kh t_h.
+    """
+    n, k, d = ctil.shape
+    blocks = []  # t of each block, first block first
+    carry = rho.new_zeros(n, k, 1)  # [N, K, 1]
+    for start in range(0, d, block_size):
+        end = min(d, start + block_size)
+        c_blk = ctil[:, :, start:end].transpose(1, 2)  # [N, P, K]
+        s_blk = s[:, :, start:end]  # [N, K, P]
+        rhs = rho[:, start:end].unsqueeze(-1) - c_blk @ carry  # [N, P, 1]
+        if end - start == 1:
+            t_blk = rhs  # [N, 1, 1]
+        else:
+            a_blk = torch.tril(c_blk @ s_blk, diagonal=-1)  # [N, P, P], only h < d couples
+            t_blk = torch.linalg.solve_triangular(a_blk, rhs, upper=False, unitriangular=True)  # [N, P, 1]
+        blocks.append(t_blk.squeeze(-1))  # [N, P]
+        carry = carry + s_blk @ t_blk  # [N, K, 1]
+    return torch.cat(blocks, dim=-1)  # [N, D]
+
+
+def _log_normal_interval(z_a: Tensor, z_b: Tensor, dz: Tensor) -> Tensor:
+    """log|Phi(z_b) - Phi(z_a)| given dz = z_b - z_a != 0 (computed without cancellation by the caller).
+
+    Where the interval is short, delta (|m| + 2) <= ``radius`` (m = z_a + dz / 2, delta = |dz| / 2):
+    the Taylor series of the integral of phi around m, 2 delta phi(m) sum_{n even} He_n(m) delta^n /
+    (n + 1)!, to He_6 (the He_8 term is below the dtype's epsilon at that radius). Elsewhere the two
+    tails are well separated: log Phi(hi) + log(1 - Phi(lo) / Phi(hi)) on the lower side, the same with
+    upper tails where the midpoint is positive; the end points are the z themselves (rebuilding them
+    from m and delta would lose a small end point next to a huge one). Inputs of the unused branch are
+    replaced by safe values, so gradients (and gradients of gradients) stay finite.
+    """
+    radius = 0.05 if dz.dtype == torch.float64 else 0.5
+    delta = 0.5 * dz.abs()  # [...]
+    m = z_a + 0.5 * dz  # [...], the midpoint (accurate where the interval is short)
+    series = delta * (m.abs() + 2.0) <= radius  # [...]
+    d_s = torch.where(series, delta, 0.0).clamp_min(torch.finfo(dz.dtype).tiny)  # [...]
+    m_s = torch.where(series, m, 0.0)  # [...]
+    # powers of (delta m)^2 and delta^2 (both bounded here), never m^6 alone (overflow at large m)
+    p2, q = (d_s * m_s).square(), d_s.square()  # [...], [...]
+    he = (
+        (p2 - q) / 6.0
+        + (p2.square() - 6.0 * p2 * q + 3.0 * q.square()) / 120.0
+        + (p2 * p2.square() - 15.0 * p2.square() * q + 45.0 * p2 * q.square() - 15.0 * q * q.square())
+        / 5040.0
+    )  # [...], sum_{n = 2, 4, 6} He_n(m) delta^n / (n + 1)!
+    log_series = torch.log(2.0 * d_s) - 0.5 * m_s.square() - _HALF_LOG_2PI + torch.log1p(he)  # [...]
+    # tails: reflect to the lower side (Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi)) where the midpoint > 0
+    lo, hi = torch.minimum(z_a, z_b), torch.maximum(z_a, z_b)  # [...], [...]
+    upper = lo + hi > 0  # [...]
+    lo, hi = torch.where(upper, -hi, lo), torch.where(upper, -lo, hi)  # [...], [...]
+    lo, hi = torch.where(series, -1.0, lo), torch.where(series, 1.0, hi)  # [...], safe for the series
+    log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)  # [...], [...]
+    log_tail = log_hi + torch.log(-torch.expm1(log_lo - log_hi))  # [...]
+    return torch.where(series, log_series, log_tail)  # [...]
+
+
+def _cdf_gaps(z: Tensor, loc: Tensor, scale: Tensor, log_w: Tensor) -> tuple[Tensor, Tensor]:
+    """(Phi_kd - F_d) e^{-M_d} and the scale M_d ``[N, 1, D]``, without cancellation.
+
+    Phi_k - F = sum_j w_j (Phi_k - Phi_j) is formed against one reference component r per coordinate
+    (the largest weight): Phi_k - F = G_k - sum_j w_j G_j with G_j = Phi_j - Phi_r. Each G_j comes from
+    z_j - z_r computed from the parameters, ((mu_r - mu_j) + z_r (sigma_r - sigma_j)) / sigma_j, not as a
+    difference of two nearly equal z (overlapping components at a large scale), and from
+    ``_log_normal_interval`` (no difference of two nearly equal Phi). Where one component dominates,
+    r is that component and Phi_r - F = -sum_{j != r} w_j G_j keeps its digits: subtracting F from Phi_r
+    directly loses them. The G_j are scaled by e^{-M} (M = max_j log |G_j|) so that far-tail samples,
+    where every G underflows, keep their digits.
+    """
+    ref = log_w.argmax(-2, keepdim=True)  # [N, 1, D], r
+    z_r, loc_r, scale_r = (t.gather(-2, ref) for t in (z, loc, scale))  # [N, 1, D] x3
+    # z_k - z_r two ways; each is used where its rounding error bound is the smaller one: from the
+    # parameters (overlapping components at a large scale, where z_k - z_r cancels) or directly (a
+    # narrow component next to a wide one, where rebuilding x from z_r cancels instead)
+    loc_gap, scale_gap = loc_r - loc, z_r * (scale_r - scale)  # [N, K, D] x2
+    via_params = (loc_gap.abs() + 2.0 * scale_gap.abs()) / scale < z.abs() + z_r.abs()  # [N, K, D]
+    dz = torch.where(via_params, (loc_gap + scale_gap) / scale, z - z_r)  # [N, K, D], z_k - z_r
+    log_gap = torch.where(dz != 0, _log_normal_interval(z_r, z, dz), -math.inf)  # [N, K, D], log |G|
+    # M cancels exactly in c~ (it scales Phi - F and is divided out again): no gradient needed through it
+    scale_log = log_gap.amax(-2, keepdim=True).detach()  # [N, 1, D]
+    scale_log = torch.where(torch.isfinite(scale_log), scale_log, 0.0)  # [N, 1, D]; all G = 0: any M
+    gap = dz.sign() * (log_gap - scale_log).exp()  # [N, K, D], (Phi_k - Phi_r) e^{-M}
+    mix_gap = (log_w.exp() * gap).sum(-2, keepdim=True)  # [N, 1, D], (F - Phi_r) e^{-M}
+    return gap - mix_gap, scale_log  # [N, K, D], [N, 1, D]
 
 
 def implicit_grad_structured(
@@ -268,20 +359,11 @@ def implicit_grad_structured(
         ctil = torch.zeros_like(z)  # [N, 1, D]
         u = g  # [N, D]
     else:
-        log_cdf = torch.special.log_ndtr(z)  # [N, K, D], log Phi_kd
-        log_sf = torch.special.log_ndtr(-z)  # [N, K, D], log (1 - Phi_kd), accurate in the upper tail
-        log_cdf_mix = (log_w + log_cdf).logsumexp(-2, keepdim=True)  # [N, 1, D], log F_d
-        log_sf_mix = (log_w + log_sf).logsumexp(-2, keepdim=True)  # [N, 1, D], log (1 - F_d)
-        # Phi - F from lower CDFs below the conditional median, as (1 - F) - (1 - Phi) above it, so the
-        # difference never comes from two numbers near 1.
-        lower_half = log_cdf_mix <= log_sf_mix  # [N, 1, D]
-        sign, log_abs_diff = _log_abs_sub_exp(
-            torch.where(lower_half, log_cdf, log_sf_mix),  # [N, K, D]
-            torch.where(lower_half, log_cdf_mix, log_sf),  # [N, K, D]
-        )
-        # c~ = w (Phi - F) / f in log space; |c~| clamped at sqrt(finfo.max) (see module docstring)
+        diff, scale_log = _cdf_gaps(z, loc, scale, log_w)  # [N, K, D], [N, 1, D]
+        # c~ = w (Phi - F) / f: the factor w e^M / f in log space, clamped at sqrt(finfo.max)
+        # (see module docstring); |diff| <= 2, so c~ stays finite
         log_ratio_max = 0.5 * math.log(torch.finfo(z.dtype).max)
-        ctil = sign * (log_w + log_abs_diff - log_f).clamp(max=log_ratio_max).exp()  # [N, K, D]
+        ctil = diff * (log_w + scale_log - log_f).clamp(max=log_ratio_max).exp()  # [N, K, D]
         s = -z / scale  # [N, K, D], d log N(x_h; mu_kh, sigma_kh) / d x_h
         u = _solve_transposed(ctil, s, g, block_size)  # [N, D]
 
@@ -290,10 +372,23 @@ def implicit_grad_structured(
     grad_loc = grad_scale = None
     if need_components:
         running = _reverse_exclusive_cumsum(uc)  # [N, K, D], R_kd: the terms through w_.d' for d' > d
-        u_resp = u.unsqueeze(-2) * resp  # [N, K, D], direct term through Phi_kd
-        grad_loc = u_resp - running * (z / scale)  # [N, K, D]; d log N / d mu = z / sigma
+        # u_d = g_d + sum_j A_jd with A_jd = R_jd z_jd / sigma_jd (the solve's own equation), so
+        # dL/dmu_kd = u_d r_kd - A_kd = g_d r_kd + (r_kd sum_j A_jd - A_kd). For the component with the
+        # largest responsibility the bracket is r_k sum_{j != k} A_j - (sum_{j != k} r_j) A_k: written as
+        # u r - A it is a difference of two large, nearly equal terms where r ~ 1 and sigma_k is tiny.
+        big = running * (z / scale)  # [N, K, D], A_kd; d log N / d mu = z / sigma
+        top = nnf.one_hot(resp.argmax(-2), k).transpose(-1, -2).bool()  # [N, K, D], argmax_k r_kd
+        others_big = big.masked_fill(top, 0.0).sum(-2, keepdim=True)  # [N, 1, D], sum_{j != top} A_j
+        others_resp = resp.masked_fill(top, 0.0).sum(-2, keepdim=True)  # [N, 1, D], 1 - r_top
+        bracket = torch.where(
+            top,
+            resp * others_big - others_resp * big,
+            resp * (others_big + big.masked_fill(~top, 0.0).sum(-2, keepdim=True)) - big,
+        )  # [N, K, D]
+        grad_loc = g.unsqueeze(-2) * resp + bracket  # [N, K, D]
+        # dL/dsigma = u r z - R (z^2 - 1) / sigma = z dL/dmu + R / sigma
+        grad_scale = z * grad_loc + running / scale  # [N, K, D]
         grad_loc = grad_loc.reshape(*lead, k, d)  # [*L, K, D]
-        grad_scale = u_resp * z - running * ((z.square() - 1.0) / scale)  # [N, K, D]
         grad_scale = grad_scale.reshape(*lead, k, d)  # [*L, K, D]
     return grad_logits.reshape(*lead, k), grad_loc, grad_scale, z.reshape(*lead, k, d)
 
