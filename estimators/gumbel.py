@@ -4,6 +4,11 @@
     relaxed:           g = grad_theta f(y)                 (the cost evaluated at the relaxed point y in (0, 1))
     straight-through:  forward b = 1[l + L > 0] ~ Bernoulli(sigmoid(l)),  backward dy/dtheta;  z = b + (y - SG(y))
 
+One-hot categorical variables (logits l [K]) use the Gumbel-Softmax proper:
+
+    y = softmax((l + G) / tau),   G = -log(-log u)                                  (Gumbel noise)
+    straight-through:  forward b = one_hot(argmax(l + G)) ~ Categorical(softmax(l)), z = b + (y - SG(y))
+
 Maddison, Mnih, Teh, "The Concrete Distribution", ICLR 2017 (binary Concrete relaxation); Jang, Gu, Poole,
 "Categorical Reparameterization with Gumbel-Softmax", ICLR 2017 (straight-through Gumbel-Softmax and the
 annealing schedule tau = max(tau_min, tau0 exp(-rate * step))). **Biased** for any tau > 0: the relaxed
@@ -19,11 +24,19 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from estimators.base import CostFn, Estimate, Estimator, Trace, bernoulli_logits
+from estimators.base import (
+    CostFn,
+    Estimate,
+    Estimator,
+    Trace,
+    bernoulli_logits,
+    categorical_logits,
+    discrete_kind,
+)
 
 
 class GumbelSoftmax(Estimator):
-    supports = frozenset({"bernoulli"})
+    supports = frozenset({"bernoulli", "categorical"})
     unbiased = False
 
     def __init__(
@@ -53,6 +66,8 @@ class GumbelSoftmax(Estimator):
         tau = self.current_temperature()
 
         def draw(name: str, dist: Distribution) -> Tensor:
+            if discrete_kind(dist) == "categorical":
+                return draw_categorical(dist)
             logits = bernoulli_logits(dist)  # [S, B, D]
             tiny = torch.finfo(logits.dtype).tiny
             u = torch.rand_like(logits).clamp(tiny, 1.0 - torch.finfo(logits.dtype).eps)  # [S, B, D]
@@ -64,6 +79,20 @@ class GumbelSoftmax(Estimator):
             b = (logits.detach() + noise > 0).to(logits.dtype)  # [S, B, D]
             # + y - SG(y): zero in value (forward sees b), gradient of the relaxed sample backward
             return b + (y - y.detach())  # [S, B, D]
+
+        def draw_categorical(dist: Distribution) -> Tensor:
+            logits = categorical_logits(dist)  # [S, B, V, K]
+            tiny = torch.finfo(logits.dtype).tiny
+            u = torch.rand_like(logits).clamp(tiny, 1.0 - torch.finfo(logits.dtype).eps)  # [S, B, V, K]
+            gumbel = -torch.log(-torch.log(u))  # [S, B, V, K] Gumbel noise, a constant (no parameters)
+            y = torch.softmax((logits + gumbel) / tau, dim=-1)  # [S, B, V, K], relaxed one-hot sample
+            if not self.straight_through:
+                return y
+            # detached: argmax(l + G) is an exact Categorical(softmax(l)) sample (Gumbel-max), no gradient
+            index = (logits.detach() + gumbel).argmax(-1)  # [S, B, V]
+            b = torch.nn.functional.one_hot(index, logits.shape[-1]).to(logits.dtype)  # [S, B, V, K]
+            # + y - SG(y): zero in value (forward sees b), gradient of the relaxed sample backward
+            return b + (y - y.detach())
 
         cost = cost_fn(Trace(draw), self.n_samples)  # [S, B], differentiable through the relaxed samples
         return Estimate(cost.detach(), cost.mean(), {"temperature": tau})

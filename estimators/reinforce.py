@@ -19,7 +19,7 @@ from estimators.baselines import SignalProcessor
 
 
 class Reinforce(Estimator):
-    supports = frozenset({"bernoulli", "normal", "mixture"})
+    supports = frozenset({"bernoulli", "categorical", "normal", "mixture"})
     unbiased = True
 
     def __init__(

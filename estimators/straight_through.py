@@ -1,8 +1,11 @@
-"""Straight-through (ST) estimator for Bernoulli units, and its slope-annealed variant.
+"""Straight-through (ST) estimator for Bernoulli units and one-hot categorical variables, and its slope-annealed variant.
 
     forward:  z = b ~ Bernoulli(sigmoid(l))                     (the exact sample)
     backward: dz/dtheta := d sigmoid(a * l) / dtheta = a sigmoid(a l)(1 - sigmoid(a l)) dl/dtheta
     g = f'(b)^T dmu/dtheta + grad_theta f(b; theta),           mu = sigmoid(a * l)
+
+For a one-hot categorical variable with logits l [K]: b ~ Categorical(softmax(l)) one-hot forward, and
+mu = softmax(a * l) backward (the class probabilities, MuProp's ST for its categorical model).
 
 implemented as ``z = b + (mu - SG(mu))``. With slope a = 1 this is ST as in MuProp's tables (Gu et al. 2016,
 baselines; Bengio, Leonard, Courville 2013). The
@@ -18,11 +21,19 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from estimators.base import CostFn, Estimate, Estimator, Trace, bernoulli_logits
+from estimators.base import (
+    CostFn,
+    Estimate,
+    Estimator,
+    Trace,
+    bernoulli_logits,
+    categorical_logits,
+    discrete_kind,
+)
 
 
 class StraightThrough(Estimator):
-    supports = frozenset({"bernoulli"})
+    supports = frozenset({"bernoulli", "categorical"})
     unbiased = False
 
     def __init__(
@@ -50,9 +61,11 @@ class StraightThrough(Estimator):
         a = self.current_slope()
 
         def draw(name: str, dist: Distribution) -> Tensor:
-            logits = bernoulli_logits(dist)  # [S, B, D]
-            b = dist.sample()  # [S, B, D]; an exact sample, no gradient through its value
-            mu = torch.sigmoid(a * logits)  # [S, B, D], the backward path
+            b = dist.sample()  # [S, B, D] (or [S, B, V, K]); an exact sample, no gradient through its value
+            if discrete_kind(dist) == "bernoulli":
+                mu = torch.sigmoid(a * bernoulli_logits(dist))  # [S, B, D], the backward path
+            else:
+                mu = torch.softmax(a * categorical_logits(dist), dim=-1)  # [S, B, V, K], the backward path
             # + mu - SG(mu): zero in value (forward sees b), gradient of mu in the backward pass
             return b + (mu - mu.detach())  # [S, B, D]
 

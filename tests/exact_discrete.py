@@ -279,3 +279,51 @@ def exact_objective_sites(cost_fn: Callable, site_states: list[Tensor], batch: i
     cost = cost_fn(sample, grids.shape[0])  # [N, B]
     weight = torch.stack(log_q).sum(0).exp()  # [N, B]
     return (weight * cost).sum(0).mean()
+
+
+def expected_gradient_sites(
+    estimator,
+    cost_fns: list[Callable],
+    site_states: list[Tensor],
+    params: list[nn.Parameter],
+    monkeypatch,
+    module,
+) -> Tensor:
+    """``expected_gradient`` for sites of any discrete kind: ``site_states[i]`` lists every value of site i
+    ([N_i, *event_i], e.g. ``enumerate_one_hot``); every joint state is forced in turn through
+    ``module.draw_detached`` (same state for the one example of each cost function) and weighted exactly."""
+    total = None
+    for cost_fn in cost_fns:
+        for idx in itertools.product(*[range(len(s)) for s in site_states]):
+            weight = []
+
+            def draw(name, dist, idx=idx, weight=weight):
+                i = len(weight)
+                z = site_states[i][idx[i]].to(dist.mean.dtype).expand_as(dist.mean)  # [1, 1, *event_i]
+                weight.append(dist.log_prob(z).detach())  # [1, 1]
+                return z
+
+            monkeypatch.setattr(module, "draw_detached", draw)
+            est = estimator(cost_fn, None)
+            grads = torch.autograd.grad(est.surrogate, params, allow_unused=True)
+            g = torch.cat(
+                [(gi if gi is not None else torch.zeros_like(p)).reshape(-1) for gi, p in zip(grads, params)]
+            )
+            p_state = torch.stack(weight).sum().exp()
+            total = p_state * g if total is None else total + p_state * g
+    return total / len(cost_fns)
+
+
+def tiny_categorical(
+    variables: int = 2, classes: int = 3, x_dim: int = 4, prior: str = "learned", seed: int = 0
+):
+    """A tiny float64 categorical model (models/sbn_categorical.py) and a batch of 3 binary inputs."""
+    from models.sbn_categorical import SBNCategorical
+
+    torch.manual_seed(seed)
+    model = SBNCategorical(x_dim, variables, classes, prior=prior).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.7)  # larger than the default init, so every gradient is far from zero
+    x = (torch.rand(3, x_dim) < 0.5).double()  # [B, X]
+    return model, x
