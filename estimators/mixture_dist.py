@@ -67,7 +67,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as nnf
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 from torch.distributions import (
     Categorical,
     Distribution,
@@ -82,6 +82,7 @@ __all__ = [
     "DiagNormalMixture",
     "implicit_grad_dense_reference",
     "implicit_grad_structured",
+    "implicit_jvp_structured",
     "mixture_cdf_transform",
     "mixture_quantile",
     "reparameterize",
@@ -95,6 +96,7 @@ COMPONENT_GRADS = ("implicit", "graves")
 # probably pay, which is not measured here.
 DEFAULT_BLOCK_SIZE = 16
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+_MODE_ITERS = 200  # mean-shift steps for DiagNormalMixture.mode (linear convergence)
 
 
 def _check_component_grad(component_grad: str) -> None:
@@ -327,6 +329,15 @@ def _cdf_gaps(z: Tensor, loc: Tensor, scale: Tensor, log_w: Tensor) -> tuple[Ten
     return gap - mix_gap, scale_log  # [N, K, D], [N, 1, D]
 
 
+def _ctil(z: Tensor, loc: Tensor, scale: Tensor, log_w: Tensor, log_q: Tensor) -> Tensor:
+    """c~_kd = w_kd (Phi_kd - F_d) / f_d ``[N, K, D]`` (K > 1), from ``_cdf_gaps``."""
+    diff, scale_log = _cdf_gaps(z, loc, scale, log_w)  # [N, K, D], [N, 1, D]
+    log_f = log_q.logsumexp(-2, keepdim=True)  # [N, 1, D]
+    # the factor w e^M / f in log space, clamped at sqrt(finfo.max) (see module docstring); |diff| <= 2
+    log_ratio_max = 0.5 * math.log(torch.finfo(z.dtype).max)
+    return diff * (log_w + scale_log - log_f).clamp(max=log_ratio_max).exp()  # [N, K, D]
+
+
 def implicit_grad_structured(
     logits: Tensor,
     loc: Tensor,
@@ -359,11 +370,7 @@ def implicit_grad_structured(
         ctil = torch.zeros_like(z)  # [N, 1, D]
         u = g  # [N, D]
     else:
-        diff, scale_log = _cdf_gaps(z, loc, scale, log_w)  # [N, K, D], [N, 1, D]
-        # c~ = w (Phi - F) / f: the factor w e^M / f in log space, clamped at sqrt(finfo.max)
-        # (see module docstring); |diff| <= 2, so c~ stays finite
-        log_ratio_max = 0.5 * math.log(torch.finfo(z.dtype).max)
-        ctil = diff * (log_w + scale_log - log_f).clamp(max=log_ratio_max).exp()  # [N, K, D]
+        ctil = _ctil(z, loc, scale, log_w, log_q)  # [N, K, D]
         s = -z / scale  # [N, K, D], d log N(x_h; mu_kh, sigma_kh) / d x_h
         u = _solve_transposed(ctil, s, g, block_size)  # [N, D]
 
@@ -377,7 +384,7 @@ def implicit_grad_structured(
         # largest responsibility the bracket is r_k sum_{j != k} A_j - (sum_{j != k} r_j) A_k: written as
         # u r - A it is a difference of two large, nearly equal terms where r ~ 1 and sigma_k is tiny.
         big = running * (z / scale)  # [N, K, D], A_kd; d log N / d mu = z / sigma
-        top = nnf.one_hot(resp.argmax(-2), k).transpose(-1, -2).bool()  # [N, K, D], argmax_k r_kd
+        top = resp.argmax(-2, keepdim=True) == torch.arange(k, device=z.device).unsqueeze(-1)  # [N, K, D]
         others_big = big.masked_fill(top, 0.0).sum(-2, keepdim=True)  # [N, 1, D], sum_{j != top} A_j
         others_resp = resp.masked_fill(top, 0.0).sum(-2, keepdim=True)  # [N, 1, D], 1 - r_top
         bracket = torch.where(
@@ -393,12 +400,64 @@ def implicit_grad_structured(
     return grad_logits.reshape(*lead, k), grad_loc, grad_scale, z.reshape(*lead, k, d)
 
 
+def _component_mask(component: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+    """One-hot ``[..., K, 1]`` of the sampled component (a comparison, so that vmap can batch it)."""
+    return (component.unsqueeze(-1) == torch.arange(k, device=component.device)).to(dtype).unsqueeze(-1)
+
+
+def implicit_jvp_structured(
+    logits: Tensor,
+    loc: Tensor,
+    scale: Tensor,
+    x: Tensor,
+    tangents: tuple[Tensor | None, Tensor | None, Tensor | None],
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> Tensor:
+    """dx/dtheta t for the implicit gradient (forward mode), the transpose of ``implicit_grad_structured``.
+
+    With rho_d = -(dT_d/dtheta t) / f_d = -sum_k c~_kd psi_kd + sum_k r_kd (t_mu_kd + z_kd t_sigma_kd),
+    psi_kd = t_a_k + sum_{h<d} (z_kh t_mu_kh + (z_kh^2 - 1) t_sigma_kh) / sigma_kh (the tangent of the
+    log-weight), the tangent xdot solves J xdot = f rho, a forward substitution with the same rank-K
+    structure (``_solve_forward``). Returns ``[*L, D]``.
+    """
+    batch_shape, k, d = _check_shapes(logits, loc, scale)
+    lead = _broadcast_shapes(batch_shape, x.shape[:-1])
+    t_a, t_mu, t_sigma = (
+        torch.zeros_like(p) if t is None else t for t, p in zip(tangents, (logits, loc, scale))
+    )
+    logits, t_a = (t.expand(*lead, k).reshape(-1, k) for t in (logits, t_a))  # [N, K] x2
+    loc, scale, t_mu, t_sigma = (
+        t.expand(*lead, k, d).reshape(-1, k, d) for t in (loc, scale, t_mu, t_sigma)
+    )  # [N, K, D] x4
+    x = x.expand(*lead, d).reshape(-1, d)  # [N, D]
+    z, log_n, log_w = _log_weights(logits, loc, scale, x)  # [N, K, D] x3
+    log_q = log_w + log_n  # [N, K, D]
+    resp = (log_q - log_q.logsumexp(-2, keepdim=True)).exp()  # [N, K, D]
+    rho = (resp * (t_mu + z * t_sigma)).sum(-2)  # [N, D], direct term through Phi_kd
+    if k > 1:
+        ctil = _ctil(z, loc, scale, log_w, log_q)  # [N, K, D]
+        d_log_n = (z * t_mu + (z.square() - 1.0) * t_sigma) / scale  # [N, K, D]
+        psi = t_a.unsqueeze(-1) + _exclusive_cumsum(d_log_n)  # [N, K, D]
+        rho = rho - (ctil * psi).sum(-2)  # [N, D]
+        rho = _solve_forward(ctil, -z / scale, rho, block_size)  # [N, D]
+    return rho.reshape(*lead, d)
+
+
 class _MixtureRsample(torch.autograd.Function):
-    """Identity on a given sample x; backward is the implicit (or Graves') reparameterization gradient."""
+    """Identity on a given sample x; backward is the implicit (or Graves') reparameterization gradient.
+
+    New-style (``forward`` without ctx plus ``setup_context``) so that ``torch.func`` transforms apply:
+    the backward is written in differentiable torch ops and reads the *output* x, so a second backward
+    differentiates it, x's own dependence on theta included (double backward, ``torch.func.grad`` of
+    a gradient); ``jvp`` gives forward mode (``torch.func.jvp``, ``jacfwd``); ``generate_vmap_rule``
+    lets ``torch.func.vmap`` run forward, backward and jvp on batched tensors (every op in them has a
+    batching rule; nothing reads tensor values into Python).
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx,
         logits: Tensor,
         loc: Tensor,
         scale: Tensor,
@@ -407,13 +466,18 @@ class _MixtureRsample(torch.autograd.Function):
         component_grad: str,
         block_size: int,
     ) -> Tensor:
-        ctx.save_for_backward(logits, loc, scale, x, component)
-        ctx.component_grad = component_grad
-        ctx.block_size = block_size
         return x.clone()  # [..., D]; a new tensor, so autograd can attach this node to it
 
     @staticmethod
-    @once_differentiable
+    def setup_context(ctx: FunctionCtx, inputs: tuple, output: Tensor) -> None:
+        logits, loc, scale, x, component, component_grad, block_size = inputs
+        # the output, not the input x: its grad_fn is this node, so double backward sees dx/dtheta
+        ctx.save_for_backward(logits, loc, scale, output, component)
+        ctx.save_for_forward(logits, loc, scale, x, component)
+        ctx.component_grad = component_grad
+        ctx.block_size = block_size
+
+    @staticmethod
     def backward(ctx: FunctionCtx, grad_x: Tensor) -> tuple[Tensor | None, ...]:
         logits, loc, scale, x, component = ctx.saved_tensors
         graves = ctx.component_grad == "graves"
@@ -423,7 +487,7 @@ class _MixtureRsample(torch.autograd.Function):
         )  # [*L, K], [*L, K, D] x3
         if graves and need_loc:
             # ordinary reparameterization x = mu_k + sigma_k eps of the sampled component only
-            onehot = nnf.one_hot(component, loc.shape[-2]).to(grad_x.dtype).unsqueeze(-1)  # [*L, K, 1]
+            onehot = _component_mask(component, loc.shape[-2], grad_x.dtype)  # [*L, K, 1]
             grad_loc = onehot * grad_x.unsqueeze(-2)  # [*L, K, D]
             grad_scale = grad_loc * z  # [*L, K, D]; z of the sampled component is its eps
         return (
@@ -435,6 +499,19 @@ class _MixtureRsample(torch.autograd.Function):
             None,
             None,
         )
+
+    @staticmethod
+    def jvp(ctx: FunctionCtx, t_logits, t_loc, t_scale, t_x, t_component, _cg, _bs) -> Tensor:
+        logits, loc, scale, x, component = ctx.saved_tensors
+        if ctx.component_grad != "graves":
+            return implicit_jvp_structured(logits, loc, scale, x, (t_logits, t_loc, t_scale), ctx.block_size)
+        out = implicit_jvp_structured(logits, loc, scale, x, (t_logits, None, None), ctx.block_size)
+        if t_loc is not None or t_scale is not None:
+            onehot = _component_mask(component, loc.shape[-2], x.dtype)  # [*L, K, 1]
+            z = (x.unsqueeze(-2) - loc) / scale  # [*L, K, D]
+            comp_t = (0.0 if t_loc is None else t_loc) + (0.0 if t_scale is None else z * t_scale)
+            out = out + (onehot * comp_t).sum(-2)  # [*L, D]
+        return out
 
 
 def reparameterize(
@@ -613,6 +690,67 @@ class DiagNormalMixture(Distribution):
         z = (value.unsqueeze(-2) - self.loc) / self.scale  # [..., K, D]
         log_n = (-0.5 * z.square() - self.scale.log() - _HALF_LOG_2PI).sum(-1)  # [..., K]
         return (torch.log_softmax(self.logits, dim=-1) + log_n).logsumexp(-1)  # [...]
+
+    def cdf(self, value: Tensor) -> Tensor:
+        """Joint CDF P(X <= value) = sum_k pi_k prod_d Phi(z_kd) (closed form), in log space."""
+        if self._validate_args:
+            self._validate_sample(value)
+        z = (value.unsqueeze(-2) - self.loc) / self.scale  # [..., K, D]
+        log_cdf = torch.special.log_ndtr(z).sum(-1)  # [..., K]
+        return (torch.log_softmax(self.logits, dim=-1) + log_cdf).logsumexp(-1).exp()  # [...]
+
+    def icdf(self, value: Tensor) -> Tensor:
+        """Quantile of a one-dimensional mixture (D = 1): x with F(x) = value, ``[..., 1]`` -> ``[..., 1]``.
+
+        Bisection on a bracket 50 scales around every component, then Newton steps
+        (``mixture_quantile``). Differentiable: to the parameters by the implicit gradient
+        dx/dtheta = -(dF/dtheta) / f (exact for D = 1), to ``value`` by 1 / f(x). For D > 1 the quantile
+        of a joint distribution is not defined; ``cdf_transform``'s inverse is ``mixture_quantile``.
+        """
+        if self.event_shape[0] != 1:
+            raise NotImplementedError(
+                f"icdf needs a one-dimensional mixture (D = 1), got D = {self.event_shape[0]}; the inverse "
+                "of the coordinate-wise transform T is mixture_quantile"
+            )
+        x = mixture_quantile(self.logits, self.loc, self.scale, value.detach())  # [..., 1]
+        x = reparameterize(self.logits, self.loc, self.scale, x, block_size=self.block_size)  # [..., 1]
+        if value.requires_grad:
+            density = self.log_prob(x.detach()).exp().unsqueeze(-1)  # [..., 1], f(x) > 0
+            # zero in value, 1 / f(x) in gradient: dx/du of F(x) = u
+            x = x + (value - value.detach()) / density  # [..., 1]
+        return x
+
+    @property
+    def mode(self) -> Tensor:
+        """The highest mode found by mean-shift from every component mean (numerical, ``[..., D]``).
+
+        A mixture of Gaussians has no closed-form mode. Gaussian mean-shift, x <- sum_k r_k(x) mu_k /
+        sigma_k^2 / sum_k r_k(x) / sigma_k^2 per coordinate (r: responsibilities), is an EM algorithm
+        and increases the density monotonically (Carreira-Perpinan 2007, "Gaussian mean-shift is an EM
+        algorithm"); it runs from each of the K means for ``_MODE_ITERS`` steps and the start with the
+        highest density wins. Every mode reached this way is a local maximum; that it is the global one
+        is not guaranteed (in D >= 2 a mixture can have modes that no mean's basin leads to), which is
+        why this is documented as numerical. No gradient (a mode of a mixture moves discontinuously).
+        """
+        with torch.no_grad():
+            x = self.loc  # [..., K, D]: one start per component mean
+            loc = self.loc.unsqueeze(-3)  # [..., 1, K, D]
+            prec = self.scale.square().reciprocal().unsqueeze(-3)  # [..., 1, K, D]
+            log_pi = torch.log_softmax(self.logits, dim=-1).unsqueeze(-2)  # [..., 1, K]
+            for _ in range(_MODE_ITERS):
+                z = (x.unsqueeze(-2) - loc) * prec.sqrt()  # [..., S, K, D], S = K starts
+                log_r = log_pi + (-0.5 * z.square() + 0.5 * prec.log()).sum(-1)  # [..., S, K]
+                r = torch.softmax(log_r, dim=-1).unsqueeze(-1)  # [..., S, K, 1]
+                x = (r * prec * loc).sum(-2) / (r * prec).sum(-2)  # [..., S, D]
+            best = self.log_prob(x.movedim(-2, 0)).movedim(0, -1).argmax(-1)  # [...]
+            index = best[..., None, None].expand(*best.shape, 1, x.shape[-1])  # [..., 1, D]
+            return x.gather(-2, index).squeeze(-2)  # [..., D]
+
+    def entropy(self) -> Tensor:
+        raise NotImplementedError(
+            "the entropy of a Gaussian mixture has no closed form; estimate it as -log_prob(x).mean() over "
+            "x = rsample((n,)) (unbiased, differentiable), or bound it (e.g. Huber et al. 2008)"
+        )
 
     def cdf_transform(self, value: Tensor) -> Tensor:
         """T(x) = (F_1(x_1), F_2(x_2 | x_1), ..., F_D(x_D | x_<D)); uniform on [0, 1]^D for x ~ self."""

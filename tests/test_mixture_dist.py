@@ -318,6 +318,171 @@ def test_rsample_gradient_flows_to_every_parameter():
 
 
 # ---------------------------------------------------------------------------------------------------
+# second order and torch.func (new-style autograd.Function: setup_context, jvp, generate_vmap_rule)
+
+
+def quantile_path(logits, loc, scale, u, component_grad="implicit", component=None, block_size=3):
+    """x(theta) = T_theta^{-1}(u) with u fixed, carrying the reparameterization gradient."""
+    x0 = mixture_quantile(logits, loc, scale, u)  # [..., D]
+
+    def x_of_theta(a, m, s):
+        x = mixture_quantile(a.detach(), m.detach(), s.detach(), u, init=x0)  # [..., D]
+        return reparameterize(a, m, s, x, component, component_grad, block_size)
+
+    return x_of_theta, x0
+
+
+U_FIXED = torch.tensor([[0.2, 0.7, 0.45, 0.9], [0.6, 0.1, 0.35, 0.55]], dtype=torch.float64)  # [2, D]
+
+
+def test_gradgradcheck_implicit_float64():
+    # the backward is itself differentiable (Normal.rsample has double backward too)
+    logits, loc, scale = random_mixture((2,), 3, 4, seed=1)
+    x_of_theta, _ = quantile_path(logits, loc, scale, U_FIXED)
+    params = tuple(p.clone().requires_grad_() for p in (logits, loc, scale))
+    assert torch.autograd.gradgradcheck(x_of_theta, params, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_forward_mode_gradcheck_float64():
+    logits, loc, scale = random_mixture((2,), 3, 4, seed=1)
+    x_of_theta, _ = quantile_path(logits, loc, scale, U_FIXED)
+    params = tuple(p.clone().requires_grad_() for p in (logits, loc, scale))
+    assert torch.autograd.gradcheck(
+        x_of_theta,
+        params,
+        eps=1e-6,
+        atol=1e-6,
+        rtol=1e-5,
+        check_forward_ad=True,
+        check_backward_ad=False,
+        check_undefined_grad=False,
+        check_batched_grad=False,
+    )
+
+
+@pytest.mark.parametrize("component_grad", COMPONENT_GRADS)
+def test_func_grad_matches_autograd(component_grad):
+    logits, loc, scale = random_mixture((2,), 3, 4, seed=2)
+    x = mixture_quantile(logits, loc, scale, U_FIXED)  # [2, D]
+    component = torch.tensor([0, 2])  # [2]
+
+    def cost(a, m, s):
+        return reparameterize(a, m, s, x, component, component_grad).sin().sum()
+
+    got = torch.func.grad(cost, argnums=(0, 1, 2))(logits, loc, scale)
+    params = [p.clone().requires_grad_() for p in (logits, loc, scale)]
+    want = torch.autograd.grad(cost(*params), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+
+
+def test_func_vmap_matches_loop():
+    logits, loc, scale = random_mixture((2,), 3, 4, seed=3)
+    x = mixture_quantile(logits, loc, scale, U_FIXED)  # [2, D]
+    stack = [torch.stack([t * (1.0 + 0.1 * i) for i in range(4)]) for t in (logits, loc, scale)]  # [4, ...]
+
+    def grad_of(a, m, s):
+        return torch.func.grad(lambda a, m, s: reparameterize(a, m, s, x).square().sum(), argnums=(0, 1, 2))(
+            a, m, s
+        )
+
+    batched = torch.func.vmap(grad_of)(*stack)
+    for i in range(4):
+        for a, b in zip(batched, grad_of(*(t[i] for t in stack))):
+            torch.testing.assert_close(a[i], b, rtol=1e-12, atol=1e-12)
+    # rsample itself under vmap (fresh randomness per batch entry)
+    out = torch.func.vmap(
+        torch.func.grad(lambda a, m, s: DiagNormalMixture(a, m, s).rsample().sum()), randomness="different"
+    )(*stack)
+    assert out.shape == stack[0].shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("component_grad", COMPONENT_GRADS)
+def test_func_jvp_adjoint_and_finite_differences(component_grad):
+    logits, loc, scale = random_mixture((2,), 3, 4, seed=4)
+    component = torch.tensor([1, 0])  # [2]
+    x = mixture_quantile(logits, loc, scale, U_FIXED)  # [2, D]
+    gen = torch.Generator().manual_seed(0)
+    tangent = tuple(torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in (logits, loc, scale))
+    _, xdot = torch.func.jvp(
+        lambda a, m, s: reparameterize(a, m, s, x, component, component_grad), (logits, loc, scale), tangent
+    )
+    # <J t, g> = <t, J^T g>: forward mode is the transpose of the hand-written backward
+    g = torch.randn(x.shape, generator=gen, dtype=torch.float64)  # [2, D]
+    params = [p.clone().requires_grad_() for p in (logits, loc, scale)]
+    vjp = torch.autograd.grad(reparameterize(*params, x, component, component_grad), params, g)
+    torch.testing.assert_close((xdot * g).sum(), sum((a * b).sum() for a, b in zip(vjp, tangent)))
+    if component_grad == "implicit":  # and it is the derivative of x(theta) = T^{-1}(u) itself
+        h = 1e-6
+        moved = [(p + h * t, p - h * t) for p, t in zip((logits, loc, scale), tangent)]
+        up = mixture_quantile(*(m[0] for m in moved), U_FIXED, init=x)  # [2, D]
+        down = mixture_quantile(*(m[1] for m in moved), U_FIXED, init=x)  # [2, D]
+        torch.testing.assert_close(xdot, (up - down) / (2 * h), rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------
+# cdf, icdf, mode, entropy
+
+
+def test_cdf_one_dimension_matches_mixture_same_family():
+    logits, loc, scale = random_mixture((3,), 4, 1, seed=80)
+    dist = DiagNormalMixture(logits, loc, scale)
+    msf = MixtureSameFamily(Categorical(logits=logits), Normal(loc[..., 0], scale[..., 0]))
+    x = torch.linspace(-8, 8, 41, dtype=torch.float64).reshape(41, 1, 1)  # [41, 1, D]
+    torch.testing.assert_close(dist.cdf(x), msf.cdf(x[..., 0]), rtol=1e-12, atol=1e-14)
+
+
+def test_cdf_joint_matches_sample_frequency():
+    logits, loc, scale = random_mixture((), 3, 2, seed=81)
+    dist = DiagNormalMixture(logits, loc, scale)
+    torch.manual_seed(81)
+    samples = dist.sample((200_000,))  # [N, D]
+    points = torch.tensor([[0.0, 0.0], [-1.0, 2.0], [1.5, -0.5], [3.0, 3.0]], dtype=torch.float64)  # [P, D]
+    below = (samples.unsqueeze(1) <= points).all(-1).double()  # [N, P]
+    assert z_scores(below, dist.cdf(points)).abs().max() < Z_MAX
+
+
+def test_icdf_inverts_cdf_with_gradients():
+    logits, loc, scale = random_mixture((3,), 4, 1, seed=82)
+    dist = DiagNormalMixture(logits, loc, scale)
+    u = torch.tensor([1e-6, 0.01, 0.3, 0.5, 0.97, 1 - 1e-6], dtype=torch.float64).reshape(6, 1, 1)
+    u = u.expand(6, 3, 1).clone().requires_grad_()  # [6, 3, 1]
+    x = dist.icdf(u)  # [6, 3, 1]
+    torch.testing.assert_close(dist.cdf(x.detach()).unsqueeze(-1), u.detach(), rtol=1e-10, atol=1e-13)
+    (grad_u,) = torch.autograd.grad(x.sum(), u)
+    torch.testing.assert_close(grad_u, dist.log_prob(x.detach()).exp().reciprocal().unsqueeze(-1))
+
+    def x_of_theta(a, m, s):
+        return DiagNormalMixture(a, m, s).icdf(u.detach()[2:4])
+
+    params = tuple(p.clone().requires_grad_() for p in (logits, loc, scale))
+    assert torch.autograd.gradcheck(x_of_theta, params, eps=1e-6, atol=1e-6, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match="D = 1"):
+        DiagNormalMixture(*random_mixture((), 2, 3)).icdf(torch.full((3,), 0.5, dtype=torch.float64))
+
+
+def test_mode_is_the_highest_local_maximum():
+    # one dimension: the mode found must be the argmax of the density on a fine grid
+    logits, loc, scale = random_mixture((5,), 4, 1, seed=83)
+    dist = DiagNormalMixture(logits, loc, scale)
+    grid = torch.linspace(-10, 10, 200_001, dtype=torch.float64).reshape(-1, 1, 1)  # [G, 1, D]
+    best = grid[dist.log_prob(grid).argmax(0), 0]  # [5, D]
+    torch.testing.assert_close(dist.mode, best, rtol=0, atol=2e-4)
+    # several dimensions: a local maximum (no direction increases the density)
+    dist = DiagNormalMixture(*random_mixture((3,), 4, 3, seed=84))
+    mode = dist.mode  # [3, D]
+    for step in (1e-4, 1e-2):
+        for direction in torch.eye(3, dtype=torch.float64):
+            for sign in (1.0, -1.0):
+                assert (dist.log_prob(mode + sign * step * direction) <= dist.log_prob(mode)).all()
+
+
+def test_entropy_says_no_closed_form():
+    with pytest.raises(NotImplementedError, match="no closed form"):
+        DiagNormalMixture(*random_mixture((), 2, 3)).entropy()
+
+
+# ---------------------------------------------------------------------------------------------------
 # numerics in float32
 
 
