@@ -39,13 +39,16 @@ duvenaud/relax ``binary_vae_multilayer_per_layer.py`` copies):
   (tau, eta), so dV/d(tau, eta) is an unbiased estimate of the variance's gradient. G is computed with
   ``create_graph`` so that V is differentiable in log tau and eta; the estimator takes dV/dphi itself with
   ``torch.autograd.grad`` over its own parameters and returns it through the surrogate as
-  sum_phi (phi - SG(phi)) * SG(dV/dphi / V_bar), a term of value zero whose gradient is dV/dphi / V_bar, so
-  one ``surrogate.backward()`` trains the model (with g) and tau, eta (with the variance gradient). The model's
-  parameter gradient never sees V. V_bar is a running mean of past V (``variance_decay``; the first step uses
-  its own V), a constant of the step: the reference trains phi with its own Adam, which ignores the gradient's
-  scale; dividing by V_bar gives the same scale-free step under the runner's shared optimiser, SGD included
-  (raw dV/deta is ~1e5 on MNIST at init and diverges under SGD). With ``update_state = False`` (variance
-  measurement) V is not differentiated and no running state changes.
+  sum_phi (phi - SG(phi)) * SG(u_phi), a term of value zero whose gradient is u_phi, so one
+  ``surrogate.backward()`` trains the model (with g) and tau, eta (with u). The model's parameter gradient
+  never sees V. u_phi = (dV/dphi) / (sqrt(r_phi) + 1e-8) with r_phi a running mean of (dV/dphi)^2 per element
+  (``rms_decay``; RMSprop's preconditioning, the first step's r is its own square): the reference trains phi
+  with a separate Adam, whose steps ignore the gradient's scale, while here phi shares the runner's optimiser.
+  Raw dV/deta is ~1e5 on MNIST at init and the curvature of V in eta is ~1e4 V, so neither the raw gradient
+  nor one divided by V survives SGD (both diverged within a few steps, measured); the preconditioned one
+  moves phi by about the learning rate per step under SGD and changes nothing essential under Adam. The
+  running means are buffers (checkpointed). With ``update_state = False`` (variance measurement) V is not
+  differentiated and no running state changes.
 * Per-layer log-temperature and eta (initial tau = 0.5, eta = 1 as in the reference), stored for up to
   ``max_layers`` layers so that the state_dict and the optimiser's parameter list exist before the first
   forward (the number of layers is known only when the model runs); a deeper model raises ``ValueError``.
@@ -59,7 +62,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from estimators.base import CostFn, Estimate, Estimator, MovingAverage, Trace, bernoulli_logits
+from estimators.base import CostFn, Estimate, Estimator, Trace, bernoulli_logits
 
 
 def logistic_noise(u: Tensor) -> Tensor:
@@ -94,7 +97,7 @@ class REBAR(Estimator):
         temperature: float = 0.5,
         eta: float = 1.0,
         max_layers: int = 4,
-        variance_decay: float = 0.9,
+        rms_decay: float = 0.99,
         context_dim: int | None = None,
         name: str | None = None,
     ):
@@ -107,8 +110,19 @@ class REBAR(Estimator):
         # log-parameterised: tau stays positive whatever step the optimiser takes
         self.log_temperature = nn.Parameter(torch.full((self.max_layers,), math.log(temperature)))  # [Lmax]
         self.eta = nn.Parameter(torch.full((self.max_layers,), float(eta)))  # [Lmax]
-        #: running mean of the variance objective V, the scale its gradient is divided by (checkpointed)
-        self.variance_scale = MovingAverage(variance_decay)
+        if not 0.0 <= rms_decay < 1.0:
+            raise ValueError(f"estimator.rms_decay must be in [0, 1), got {rms_decay}")
+        self.rms_decay = float(rms_decay)
+        self.register_buffer("rms_initialised", torch.zeros((), dtype=torch.bool))
+        self.register_rms_buffers()
+
+    def register_rms_buffers(self) -> None:
+        """One running mean of the squared variance gradient per parameter of the estimator (subclasses that
+        add parameters call this again at the end of their constructor: buffers exist before any forward)."""
+        for name, p in self.named_parameters():
+            key = "rms_" + name.replace(".", "_")
+            if not hasattr(self, key):
+                self.register_buffer(key, torch.zeros_like(p.detach()))
 
     # ---------------------------------------------------------------------------------------------
     # the control variate: REBAR's is eta * f(s(z)); RELAX adds a learned net (estimators/relax.py)
@@ -200,21 +214,21 @@ class REBAR(Estimator):
             variance = sum(g.square().sum(-1).mean() for g in signals)  # V: single-sample variance estimate
             diag = {"variance_objective": float(variance.detach())}
             if train_cv:
-                if not bool(self.variance_scale.initialised):  # first step: scale by the current V
-                    self.variance_scale.update(variance)
-                # V / V_bar: the gradient of the relative variance, free of the cost's scale (V is in
-                # nats^2 per unit and reaches 1e3-1e4 on MNIST at init, which SGD cannot take); V_bar is a
-                # running mean of past V, a constant of this step, so the direction is dV/dphi's
-                scale = self.variance_scale.value.clamp_min(torch.finfo(variance.dtype).tiny)
-                own = [p for p in self.parameters() if p.requires_grad]
+                own = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
                 d_own = torch.autograd.grad(
-                    variance / scale + self.control_variate_penalty(), own, allow_unused=True
+                    variance + self.control_variate_penalty(), [p for _, p in own], allow_unused=True
                 )
-                self.variance_scale.update(variance)
-                # value 0, gradient dV/dphi / V_bar: trains tau, eta (and RELAX's net) in the same backward
-                surrogate = surrogate + sum(
-                    ((p - p.detach()) * g.detach()).sum() for p, g in zip(own, d_own) if g is not None
-                )
+                first, beta = not bool(self.rms_initialised), self.rms_decay
+                for (n, p), g in zip(own, d_own):
+                    if g is None:
+                        continue
+                    r = getattr(self, "rms_" + n.replace(".", "_"))  # same shape as p
+                    with torch.no_grad():  # running state, not part of any graph
+                        r.copy_(g.square() if first else beta * r + (1 - beta) * g.square())
+                    u = g.detach() / (r.sqrt() + 1e-8)  # preconditioned variance gradient
+                    # value 0, gradient u: trains tau, eta (and RELAX's net) in the same backward as the model
+                    surrogate = surrogate + ((p - p.detach()) * u).sum()
+                self.rms_initialised.fill_(True)
         for i in range(n_layers):
             diag[f"temperature_{i + 1}"] = float(tau[i].detach())
             diag[f"eta_{i + 1}"] = float(self.eta[i].detach())

@@ -14,7 +14,7 @@ code (duvenaud/relax ``binary_vae_multilayer_per_layer.py``, ``Q_func`` with ``r
 net of layer i with [x - mean(x), z_i, 2 b_<i - 1] and multiplies f + r by eta; so does this module, with
 one net per layer. The task asks for one hidden layer (the reference searched 2 and 4 ReLU layers of 200);
 ``hidden`` sets its width. The output layer starts at zero, so RELAX starts as REBAR. Weight decay on the
-nets (the reference's ``Q_wd``, an L2 term 0.5 wd |w|^2 added to the variance objective, here to the relative one V / V_bar) is ``weight_decay``.
+nets (the reference's ``Q_wd``, an L2 term 0.5 wd |w|^2 added to the variance objective, before the preconditioning) is ``weight_decay``.
 
 The nets must exist before the first forward (so that the runner's optimiser and checkpoint see them) but
 the input width, C + D_i + sum_{j<i} D_j, is known only when the model runs. Each first layer is therefore
@@ -64,7 +64,7 @@ class RELAX(REBAR):
         hidden: int = 200,
         max_input: int = 2048,
         weight_decay: float = 0.001,
-        variance_decay: float = 0.9,
+        rms_decay: float = 0.99,
         context_dim: int | None = None,
         name: str | None = None,
     ):
@@ -73,7 +73,7 @@ class RELAX(REBAR):
             temperature=temperature,
             eta=eta,
             max_layers=max_layers,
-            variance_decay=variance_decay,
+            rms_decay=rms_decay,
             context_dim=context_dim,
             name=name,
         )
@@ -84,6 +84,7 @@ class RELAX(REBAR):
             )
         self.weight_decay = float(weight_decay)
         self.nets = nn.ModuleList(PaddedNet(int(max_input), int(hidden)) for _ in range(self.max_layers))
+        self.register_rms_buffers()  # the nets' running means of the squared variance gradient
 
     def control_variate(
         self, layer: int, f_relaxed: Tensor, z: Tensor, hard_below: list[Tensor], context: Tensor | None
