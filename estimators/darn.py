@@ -49,6 +49,24 @@ class Darn(Estimator):
     supports = frozenset({"bernoulli", "categorical"})
     unbiased = False
 
+    def f_primes(self, cost: Tensor, trace: Trace, es: list[Tensor]) -> list[Tensor]:
+        """f'_i(z) of every site, in sampling order: direct derivatives, then the conditional means' VJPs."""
+        names = list(trace.sites)
+        # direct derivatives, per example (examples are independent); the graph is kept: the VJPs below and
+        # the surrogate reuse it
+        direct = torch.autograd.grad(cost.sum(), es, retain_graph=True, allow_unused=True)
+        f_prime = [g if g is not None else torch.zeros_like(e) for g, e in zip(direct, es)]
+        for j in range(len(names) - 1, 0, -1):  # top down: f'_j is complete before it is passed on
+            mu = trace.sites[names[j]][0].mean  # [S, B, D_j], conditional mean at the sampled parents
+            if not mu.requires_grad:
+                continue
+            # (d mu_j / d z_i)^T f'_j for every earlier layer i that mu_j reads (its parents)
+            back = torch.autograd.grad(
+                mu, es[:j], grad_outputs=f_prime[j], retain_graph=True, allow_unused=True
+            )
+            f_prime[:j] = [fp if g is None else fp + g for fp, g in zip(f_prime[:j], back)]
+        return f_prime
+
     def forward(self, cost_fn: CostFn, context: Tensor | None = None) -> Estimate:
         leaves: dict[str, Tensor] = {}
 
@@ -61,20 +79,7 @@ class Darn(Estimator):
         with torch.enable_grad():
             cost = cost_fn(trace, self.n_samples)  # [S, B]
             names = list(trace.sites)
-            es = [leaves[n] for n in names]
-            # direct derivatives, per example (examples are independent); the graph is kept: the VJPs
-            # below and the surrogate reuse it
-            direct = torch.autograd.grad(cost.sum(), es, retain_graph=True, allow_unused=True)
-            f_prime = [g if g is not None else torch.zeros_like(e) for g, e in zip(direct, es)]
-            for j in range(len(names) - 1, 0, -1):  # top down: f'_j is complete before it is passed on
-                mu = trace.sites[names[j]][0].mean  # [S, B, D_j], conditional mean at the sampled parents
-                if not mu.requires_grad:
-                    continue
-                # (d mu_j / d z_i)^T f'_j for every earlier layer i that mu_j reads (its parents)
-                back = torch.autograd.grad(
-                    mu, es[:j], grad_outputs=f_prime[j], retain_graph=True, allow_unused=True
-                )
-                f_prime[:j] = [fp if g is None else fp + g for fp, g in zip(f_prime[:j], back)]
+            f_prime = self.f_primes(cost, trace, [leaves[n] for n in names])  # [S, B, D_i] each
         samples = [trace.sites[n][1].detach() for n in names]  # b_i (e_i = 0)
         signal = torch.stack(
             [
