@@ -62,8 +62,8 @@ class Estimator(nn.Module):
             time: the runner passes the model's ``context_dim``).
     """
 
-    #: the kinds of latent variable this estimator can differentiate through (``Bernoulli``, ``Normal``,
-    #: ``Mixture``): checked against ``model.latent_kind`` before any data is loaded.
+    #: the kinds of latent variable this estimator can differentiate through (``bernoulli``, ``categorical``
+    #: (one-hot), ``normal``, ``mixture``): checked against ``model.latent_kind`` before any data is loaded.
     supports: ClassVar[frozenset[str]] = frozenset()
     #: whether the estimate is unbiased for grad E[cost]; tests assert the bias of the biased ones. A YAML
     #: option can change it (variance normalisation), so instances may override it: read it on an instance.
