@@ -6,12 +6,19 @@ that cannot be loaded) ends with ``error: ...`` on stderr and exit status 2, no 
 A sweep (``-m``): every job runs whatever the others do. A job that fails writes its traceback to
 ``<run dir>/error.txt`` and says ``FAILED`` on stderr; when all jobs have returned, the sweep exits with
 status 1 and one message listing every failed job of this invocation. Re-running the same command with the
-same ``hydra.sweep.dir`` skips finished jobs (``DONE``), resumes interrupted ones from their checkpoint, and
-runs the failed and missing ones again.
+same ``hydra.sweep.dir`` skips finished jobs (``DONE``, when their configuration is the job's), resumes
+interrupted ones from their checkpoint, and runs the failed and missing ones again.
+
+Every job holds a lock on its run directory while it runs (a second start is refused, naming the holder).
+SIGTERM / SIGINT: the run finishes its step, saves a checkpoint, flushes its metrics and W&B, and exits with
+128 + the signal number (runners/interrupt.py); a parallel sweep passes SIGTERM on to its workers.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import sys
 import time
 import traceback
@@ -23,7 +30,9 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from runners.checks import ConfigError, check_config, check_overrides
+from runners.checks import ConfigError, check_config, check_finished, check_overrides, check_paths
+from runners.interrupt import RunInterrupted
+from runners.lock import RunLock, RunLocked
 from runners.logger import DONE, ERROR_FILE, SUMMARY
 
 
@@ -82,6 +91,11 @@ def write_error(run_dir: Path, e: BaseException, headline: BaseException) -> Non
     (run_dir / ERROR_FILE).write_text(text, encoding="utf-8")
 
 
+def untouched(run_dir: Path) -> bool:
+    """Nothing in the run directory but what Hydra and the lock put there: this command wrote no run."""
+    return not any(p for p in run_dir.iterdir() if p.name not in (".hydra", "run.log", ".lock"))
+
+
 def one_line(e: BaseException) -> str:
     first = str(e).splitlines()[0] if str(e) else ""
     return f"{type(e).__name__}: {first}"
@@ -113,32 +127,56 @@ def main(cfg: DictConfig) -> dict | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    if (run_dir / DONE).exists():
-        print(f"already finished: {run_dir} (delete {run_dir / DONE} to run again)")
-        return (
-            OmegaConf.to_container(OmegaConf.load(run_dir / SUMMARY))
-            if (run_dir / SUMMARY).exists()
-            else None
-        )
-    (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a retry starts clean
-    clean = (ConfigError,)
+    clean: tuple[type, ...] = (ConfigError, RunLocked)
+    failed_run: tuple[type, ...] = ()
+    lock = RunLock(run_dir)
     try:
         check_config(cfg)  # ranges answer before torch is imported; no data is loaded here
+        lock.acquire()  # held until this job returns: one process per run directory
+        if (run_dir / DONE).exists():
+            check_finished(cfg, run_dir)  # a finished run of another configuration is refused, not reused
+            print(f"already finished: {run_dir} (delete {run_dir / DONE} to run again)")
+            return (
+                OmegaConf.to_container(OmegaConf.load(run_dir / SUMMARY))
+                if (run_dir / SUMMARY).exists()
+                else None
+            )
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a retry starts clean
         from data.common import DataError  # noqa: PLC0415 - heavy imports after the cheap checks
-        from runners.train import train  # noqa: PLC0415
+        from runners.train import CheckpointError, Diverged, StorageError, train  # noqa: PLC0415
 
-        clean = (ConfigError, DataError)
+        failed_run = (
+            Diverged,
+            StorageError,
+        )  # the run started and failed (exit 1); the others: bad input (2)
+        clean = (ConfigError, RunLocked, DataError, CheckpointError, *failed_run)
         summary = train(cfg, run_dir, group=wandb_group(cfg, hc))
     except Exception as e:
+        if isinstance(e, RunInterrupted):  # saved and stopped: resumable, not a failure
+            print(f"\n{e}", file=sys.stderr)
+            sys.exit(e.exit_code)  # SystemExit passes through Hydra's launchers: the sweep stops too
         known = clean_cause(e, clean)
+        if isinstance(known, RunLocked):  # the directory is another process's: write nothing into it
+            print(f"error: {known}", file=sys.stderr)
+            if multirun:
+                raise JobFailed(str(hc.sweep.dir), str(run_dir), one_line(known)) from None
+            sys.exit(2)
+        if not multirun and known is not None and untouched(run_dir):
+            # refused before anything ran: leave no folder behind (Hydra made it for this command only)
+            lock.release()
+            shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"error: {known}", file=sys.stderr)
+            sys.exit(2)
         write_error(run_dir, e, known or e)
         if multirun:
             print(f"FAILED {run_dir}: {one_line(known or e)}", file=sys.stderr)
             raise JobFailed(str(hc.sweep.dir), str(run_dir), one_line(known or e)) from e
         if known is not None:
             print(f"error: {known}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(1 if isinstance(known, failed_run) else 2)
         raise
+    finally:
+        lock.release()
     m = int(cfg.eval.samples)
     print(
         f"\ntest ELBO {summary['test/elbo']:.2f} nats, test bound (m={m}) {summary[f'test/bound_{m}']:.2f} nats"
@@ -150,14 +188,61 @@ def main(cfg: DictConfig) -> dict | None:
 
 
 def precheck(argv: list[str]) -> None:
-    """Unknown group options (``estimator=foo``) answered with the valid ones before Hydra starts."""
+    """Before Hydra starts: unknown group options (``estimator=foo``) answered with the valid ones, run and
+    sweep directories that cannot be created, a SLURM launcher without SLURM."""
     try:
         check_overrides(argv)
+        check_paths(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
+class SweepSignals:
+    """In the process that runs a parallel (joblib) sweep: pass SIGTERM on to the worker processes, which
+    save a checkpoint and stop (a terminal's Ctrl-C reaches them by itself), then exit 128 + signal."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._forward)
+
+    def _forward(self, signum, frame) -> None:
+        self.received = signum
+        for pid in worker_pids(os.getpid()):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+
+def worker_pids(parent: int) -> list[int]:
+    """Child processes of ``parent`` that are joblib/loky workers (not W&B's service), from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"loky" in cmdline:
+            out.append(int(stat.parent.name))
+    return out
+
+
 if __name__ == "__main__":
     precheck(sys.argv[1:])
-    main()
+    sweep_signals = SweepSignals()
+    if any(a in ("-m", "--multirun") for a in sys.argv[1:]):
+        sweep_signals.install()
+    try:
+        main()
+    finally:
+        if sweep_signals.received:
+            print(
+                f"sweep interrupted by {signal.Signals(sweep_signals.received).name}: the running jobs saved a "
+                f"checkpoint; run the same command again to resume",
+                file=sys.stderr,
+            )
+            os._exit(128 + sweep_signals.received)

@@ -120,6 +120,8 @@ class Dataset:
     name: str
     x_dim: int
     image_shape: tuple[int, int] = (28, 28)
+    #: what the examples are, checked against a model's ``data_kind`` before anything loads
+    kind = "images"
 
     def __init__(self, name: str, splits: dict[str, Split]):
         assert set(splits) == set(SPLITS), sorted(splits)

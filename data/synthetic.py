@@ -19,6 +19,8 @@ class Synthetic(Dataset):
     ``root`` is accepted and ignored, so that one command line (``data.root=...``) fits every data source.
     """
 
+    kind = "none"  # no observations: for models of a fixed target (models/mixture_svi.py)
+
     def __init__(
         self,
         n: int = 1000,

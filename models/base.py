@@ -33,6 +33,8 @@ class LatentVariableModel(nn.Module):
     latent_kind: ClassVar[str] = ""
     #: name of the metric the bound stands for (``elbo`` for generative models, ``cll`` for prediction)
     bound_name: ClassVar[str] = "elbo"
+    #: the data it reads (``images``: binarized MNIST and MNIST; ``none``: data=synthetic), checked before loading
+    data_kind: ClassVar[str] = "images"
 
     #: size of ``context(x)``, the per-example input that input-dependent baselines see
     context_dim: int

@@ -41,6 +41,7 @@ TWO_D_ONLY = ("ring", "banana")
 
 class MixtureSVI(LatentVariableModel):
     latent_kind = "mixture"
+    data_kind = "none"  # a fixed target: data=synthetic only supplies the batch size
 
     def __init__(
         self,

@@ -167,6 +167,19 @@ def check_ranges(cfg: DictConfig) -> None:
         m = _number(o, "momentum", "optim", float)
         _need(0.0 <= m < 1.0, "optim.momentum", o.momentum, "a number in [0, 1)")
     _at_least(o, "weight_decay", "optim", 0.0, float)
+    if o.get("betas") is not None:
+        betas = list(o.betas) if OmegaConf.is_list(o.betas) else None
+        _need(
+            betas is not None
+            and len(betas) == 2
+            and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas
+            ),
+            "optim.betas",
+            o.betas,
+            "two numbers in [0, 1), e.g. [0.9, 0.999]",
+        )
+    _at_least(t, "divergence_factor", "train", 0.0, float)
     from runners.logger import WANDB_MODES
 
     mode = cfg.logger.get("mode")
@@ -187,6 +200,8 @@ def check_ranges(cfg: DictConfig) -> None:
         sizes = m.get(key)
         if sizes is None:
             continue
+        if key == "layers" and not OmegaConf.is_list(sizes):
+            raise ConfigError(f"model.layers={sizes!r} is not a list: write model.layers=[{sizes}]")
         sizes = list(sizes) if OmegaConf.is_list(sizes) else [sizes]
         _need(
             len(sizes) > 0 and all(isinstance(s, int) and s >= 1 for s in sizes),
@@ -216,10 +231,125 @@ def _check_estimator_ranges(node: DictConfig, prefix: str) -> None:
         _need(0.0 <= d < 1.0, f"{prefix}.decay", node.decay, "a number in [0, 1)")
 
 
+def _group_choice(cfg: DictConfig, group: str) -> str | None:
+    """The option chosen for a config group (Hydra's record of it; else the node's ``name``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choice = HydraConfig.get().runtime.choices.get(group)
+        if choice:
+            return str(choice)
+    except ValueError:  # composed outside @hydra.main (tests, compose API)
+        pass
+    node = cfg.get(group)
+    return str(node.get("name")) if isinstance(node, DictConfig) and node.get("name") else None
+
+
+def _kind_of(value: Any) -> str | None:
+    """The type class a default value fixes for a key: bool, list, number (None: no constraint)."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, (int, float)):
+        return "number"
+    return None
+
+
+def _matches(kind: str, value: Any) -> bool:
+    if value is None:
+        return True  # null: "not set", checked by the range checks where it matters
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "list":
+        return OmegaConf.is_list(value) or isinstance(value, list)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_EXAMPLE = {"bool": "true or false", "number": "a number"}
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Booleans are booleans, lists are lists, numbers are numbers: each key's type is fixed by its default
+    (the group's YAML file, or conf/config.yaml), so ``model.nonlinear=maybe`` or ``model.layers=200`` is
+    refused here instead of being taken as true or failing deep inside a constructor."""
+    defaults: list[tuple[str, Any]] = []
+    for group in ("model", "estimator", "optim", "data", "logger"):
+        choice = _group_choice(cfg, group)
+        path = CONF_DIR / group / f"{choice}.yaml"
+        if choice and path.exists():
+            defaults.append((group, OmegaConf.to_container(OmegaConf.load(path), resolve=False)))
+    top = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"), resolve=False)
+    defaults += [(k, top[k]) for k in ("train", "eval", "variance") if k in top]
+    for prefix, node in defaults:
+        for key, default in _flatten(node).items():
+            kind = _kind_of(default)
+            if kind is None or key.endswith("_target_"):
+                continue
+            value = OmegaConf.select(cfg, f"{prefix}.{key}", default=None, throw_on_missing=False)
+            if not _matches(kind, value):
+                if kind == "list":
+                    raise ConfigError(f"{prefix}.{key}={value!r} is not a list: write {prefix}.{key}=[{value}]")
+                raise ConfigError(f"{prefix}.{key}={value!r} is not {_EXAMPLE[kind]}")
+
+
+def check_data_root(cfg: DictConfig) -> None:
+    root = cfg.data.get("root", None)
+    if root is not None and not str(root).strip():
+        raise ConfigError(
+            "data.root is empty: give the folder that holds (or will hold) the data, e.g. data.root=~/data, or "
+            "leave it out for $DATA_ROOT / ~/.cache/gradest/data"
+        )
+
+
+def check_wandb_online(cfg: DictConfig) -> None:
+    """``logger.mode=online`` needs credentials: refused before any data is loaded when there are none."""
+    if cfg.logger.get("mode") != "online":
+        return
+    import netrc
+    import os
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise ConfigError(
+        f"logger.mode=online needs a W&B API key and none was found (WANDB_API_KEY, or ~/.netrc for {host}): "
+        f"run `wandb login`, or use logger.mode=offline (then `wandb sync` uploads later)"
+    )
+
+
+def check_pairing(cfg: DictConfig, model_cls: type) -> None:
+    """The data must be what the model reads: images for the image models, nothing (``data=synthetic``) for
+    SVI of a fixed target."""
+    data_cls = target_class(cfg.data, "data")
+    want, have = getattr(model_cls, "data_kind", "images"), getattr(data_cls, "kind", "images")
+    if want != have:
+        able = [
+            n
+            for n in available("data")
+            if getattr(target_class(OmegaConf.load(CONF_DIR / "data" / f"{n}.yaml"), n), "kind", "images")
+            == want
+        ]
+        raise ConfigError(
+            f"model {cfg.model.get('name')!r} reads {want} but data {cfg.data.get('name')!r} provides {have}: "
+            f"use data={' or data='.join(able)}"
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
-    """All checks that need no data: ranges, and whether the estimators can serve the model."""
+    """All checks that need no data: types, ranges, and whether the estimators can serve the model."""
+    check_types(cfg)
     check_ranges(cfg)
+    check_data_root(cfg)
+    check_wandb_online(cfg)
     model_cls = target_class(cfg.model, "model")
+    check_pairing(cfg, model_cls)
     kind = model_cls.latent_kind
     nodes = [
         ("estimator", cfg.estimator),
@@ -285,6 +415,27 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+def config_diffs(run_dir: Path, config: dict[str, Any], free_keys: tuple[str, ...]) -> list[str]:
+    """``key: saved -> now`` for every key of ``run_dir/config.yaml`` that differs from ``config`` and is not
+    one of ``free_keys`` (or under one)."""
+    saved_path = Path(run_dir) / "config.yaml"
+    saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
+    now = _flatten(config)
+
+    def free(key: str) -> bool:
+        return any(key == k or key.startswith(k + ".") for k in free_keys)
+
+    return [
+        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if not free(k) and saved.get(k) != now.get(k)
+    ]
+
+
+def _listed(diffs: list[str]) -> str:
+    return "; ".join(diffs[:5]) + ("; ..." if len(diffs) > 5 else "")
+
+
 def check_resume(config: dict[str, Any], run_dir: Path) -> None:
     """Refuse to resume a checkpoint in ``run_dir`` written under a different configuration.
 
@@ -294,23 +445,83 @@ def check_resume(config: dict[str, Any], run_dir: Path) -> None:
     """
     from runners.logger import CHECKPOINT
 
-    saved_path = Path(run_dir) / "config.yaml"
-    if not (Path(run_dir) / CHECKPOINT).exists() or not saved_path.exists():
+    if not (Path(run_dir) / CHECKPOINT).exists() or not (Path(run_dir) / "config.yaml").exists():
         return
-    saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
-    now = _flatten(config)
-
-    def free(key: str) -> bool:
-        return any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
-
-    diffs = [
-        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
-        for k in sorted(set(saved) | set(now))
-        if not free(k) and saved.get(k) != now.get(k)
-    ]
+    diffs = config_diffs(run_dir, config, RESUMABLE_CHANGES)
     if diffs:
         raise ConfigError(
-            f"{run_dir} holds a checkpoint of a different configuration ({'; '.join(diffs[:5])}"
-            f"{'; ...' if len(diffs) > 5 else ''}). Resume it with its own settings, or give this run another "
-            f"directory (hydra.run.dir / hydra.sweep.dir), or delete that one."
+            f"{run_dir} holds a checkpoint of a different configuration ({_listed(diffs)}). Resume it with its "
+            f"own settings, or give this run another directory (hydra.run.dir / hydra.sweep.dir), or delete that one."
+        )
+
+
+#: keys that may differ between a finished run and a job that would skip it (they do not change its result)
+FINISHED_FREE = (
+    "git_rev",
+    "quiet",
+    "device",
+    "experiment_name",
+    "logger",
+    "data.root",
+    "data.download",
+    "data.verify",
+)
+
+
+def check_finished(cfg: DictConfig, run_dir: Path) -> None:
+    """A finished run (``DONE``) is skipped only when it ran this job's configuration: a sweep re-run with a
+    changed grid must not return an old job's result under a new job's number."""
+    if not (Path(run_dir) / "config.yaml").exists():
+        return
+    diffs = config_diffs(run_dir, OmegaConf.to_container(cfg, resolve=True), FINISHED_FREE)
+    if diffs:
+        raise ConfigError(
+            f"{run_dir} holds a finished run of a different configuration ({_listed(diffs)}): give this job "
+            f"another directory (hydra.run.dir / hydra.sweep.dir); or, to extend that run with more steps, delete "
+            f"{Path(run_dir) / 'DONE'} (it resumes from its last checkpoint)"
+        )
+
+
+def _override_value(argv: list[str], key: str) -> str | None:
+    for arg in argv:
+        for prefix in (f"{key}=", f"+{key}=", f"++{key}="):
+            if arg.startswith(prefix):
+                return arg[len(prefix) :]
+    return None
+
+
+def check_paths(argv: list[str]) -> None:
+    """Run / sweep directories that cannot be made (an existing file, a read-only or unwritable place), and a
+    SLURM launcher on a machine without SLURM: answered before Hydra tries and fails with a traceback."""
+    import os
+    import shutil
+
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        value = _override_value(argv, key)
+        if not value or "${" in value:
+            continue
+        path = Path(value).expanduser()
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{key}={value!r} is an existing file, not a folder: choose another path")
+        parent = path
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"{key}={value!r}: {parent} is a file, not a folder: choose another path")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"{key}={value!r}: cannot write under {parent} (read-only file system or no permission): "
+                f"choose a writable folder"
+            )
+    if _override_value(argv, "hydra.run.dir") is None and _override_value(argv, "hydra.sweep.dir") is None:
+        if not os.access(Path.cwd(), os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"cannot write run folders under the current folder {Path.cwd()} (read-only or no permission): "
+                f"run from a writable folder or give hydra.run.dir=... (hydra.sweep.dir=... with -m)"
+            )
+    launcher = _override_value(argv, "hydra/launcher")
+    if launcher == "slurm" and shutil.which("sbatch") is None:
+        raise ConfigError(
+            "hydra/launcher=slurm needs SLURM, but sbatch is not on this machine's PATH: run the command on the "
+            "cluster's login node, or use hydra/launcher=local (a dry run on this machine) or hydra/launcher=parallel"
         )

@@ -5,12 +5,23 @@ The local file is flushed at every record, so a crash loses nothing that was log
 file is cut back to the length it had at the checkpoint (recorded in it), so no step is logged twice.
 W&B runs offline by default (no account or network needed; ``wandb sync`` uploads later), keep one run id
 per run directory (``wandb_id.txt``) and resume it, and always ``finish``.
+
+Exactly once in W&B after interruptions (offline mode): ``metrics.jsonl`` is the record of truth (flushed per
+record, cut back to the checkpoint on resume). A resumed run deletes the offline W&B folders of its earlier
+processes (partial, possibly holding steps after the checkpoint that are about to be redone) and replays
+``metrics.jsonl`` into a fresh offline run of the same id before it goes on, so the one folder that
+``wandb sync`` is told about holds every step once. (Images of the interrupted part are not replayed.)
+Online, a resumed run continues the server's run from the checkpoint step: steps logged between the last
+checkpoint and a kill may reach W&B twice, as W&B keeps what it received; SIGTERM / SIGINT stop at a
+checkpoint, so only a hard kill can do that.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +47,7 @@ class RunLogger:
         name: str | None = None,
         tags: list[str] | None = None,
         resume_lines: int | None = None,
+        init_timeout: float = 15.0,
     ):
         if mode not in WANDB_MODES:
             raise ValueError(f"logger.mode={mode!r}: choose one of {', '.join(WANDB_MODES)}")
@@ -51,7 +63,7 @@ class RunLogger:
             id_file = self.run_dir / "wandb_id.txt"
             run_id = id_file.read_text().strip() if id_file.exists() else generate_run_id()
             id_file.write_text(run_id + "\n")
-            self.run = wandb.init(
+            kwargs = dict(
                 project=project,
                 entity=entity,
                 group=group,
@@ -62,13 +74,50 @@ class RunLogger:
                 dir=str(self.run_dir),
                 id=run_id,
                 resume="allow",
-                mode=mode,
-                settings=wandb.Settings(console="off", silent=True),
             )
+            if mode == "offline":
+                # earlier processes' offline folders: superseded by the replay below (we hold the run's lock)
+                for old in (self.run_dir / "wandb").glob(f"offline-run-*-{run_id}"):
+                    shutil.rmtree(old, ignore_errors=True)
+            try:
+                self.run = wandb.init(
+                    **kwargs,
+                    mode=mode,
+                    settings=wandb.Settings(console="off", silent=True, init_timeout=float(init_timeout)),
+                )
+            except Exception as e:  # noqa: BLE001 - any failure to reach W&B online: go on offline
+                if mode != "online":
+                    raise
+                print(
+                    f"warning: W&B online did not start within {init_timeout:g} s ({type(e).__name__}); "
+                    f"logging offline instead (upload later with the printed wandb sync command)",
+                    file=sys.stderr,
+                )
+                mode = "offline"
+                wandb.teardown()  # the failed online run still holds its id in W&B's service: start afresh
+                for old in (self.run_dir / "wandb").glob(f"offline-run-*-{run_id}"):
+                    shutil.rmtree(old, ignore_errors=True)
+                self.run = wandb.init(
+                    **kwargs, mode="offline", settings=wandb.Settings(console="off", silent=True)
+                )
+            self.mode = mode
             self.run.define_metric("step")
             self.run.define_metric("*", step_metric="step")  # plot everything against our own step
             self.wandb = wandb
             self.wandb_dir = Path(self.run.dir).parent  # .../wandb/offline-run-<time>-<id>
+            if mode == "offline" and self.lines:
+                self._replay()
+
+    def _replay(self) -> None:
+        """Log the kept lines of metrics.jsonl (the steps up to the checkpoint) into this W&B run."""
+        for record in read_metrics(self.run_dir)[: self.lines]:
+            self.run.log(record)
+
+    def flush(self) -> None:
+        """Make the logged metrics durable (called before each checkpoint that counts them)."""
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def _truncate(self, resume_lines: int | None) -> int:
         """Cut metrics.jsonl back to ``resume_lines`` lines (the count saved with the checkpoint)."""
@@ -119,6 +168,10 @@ class RunLogger:
             self._file.close()
         if self.wandb is not None:
             self.run.finish(exit_code=exit_code)
+            # finish() can return before W&B's service has written the last records of an offline run to
+            # disk; teardown waits for the service, so the run file is complete when this returns (a reader
+            # of the file, DONE written after this, and `wandb sync` all see every record)
+            self.wandb.teardown()
             self.wandb = None
 
 

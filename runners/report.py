@@ -597,6 +597,7 @@ def log_to_wandb(result: dict[str, Any], mode: str, project: str, group: str | N
         run.log({f"report/{p.stem}": wandb.Image(str(p), caption=title) for title, p in result["figures"]})
     finally:
         run.finish()
+        wandb.teardown()  # waits until W&B's service has written the run file (finish() alone may not)
     return Path(run.dir).parent if mode != "disabled" else None
 
 

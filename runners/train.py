@@ -9,8 +9,11 @@ Models with a ``generate(n)`` method also leave ``samples.png``, and sample imag
 
 from __future__ import annotations
 
+import errno
 import math
+import pickle
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from tqdm import tqdm
 from estimators.base import Estimator
 from models.base import LatentVariableModel
 from runners.checks import ConfigError, check_config, check_resume, load_estimator_config
+from runners.interrupt import GracefulStop, RunInterrupted
 from runners.logger import CHECKPOINT, DONE, SUMMARY, RunLogger
 from runners.trajectory import bias_metrics
 from runners.utils import (
@@ -38,6 +42,20 @@ from runners.variance import gradient_variance
 
 SAMPLES_PNG = "samples.png"
 N_SAMPLE_IMAGES = 64
+#: errno values of a write that cannot succeed where it is: full disk, quota, read-only file system, no permission
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite or runaway cost: the run ends as failed (no DONE)."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be read back (corrupt, truncated, not ours): named, with what to do."""
+
+
+class StorageError(RuntimeError):
+    """A run file could not be written (disk full, read-only, no permission): named, with what to do."""
 
 
 @dataclass
@@ -88,7 +106,21 @@ def build(cfg: DictConfig) -> Run:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     seed_everything(int(cfg.seed))
-    data = instantiate(cfg.data, device=device)
+    try:
+        data = instantiate(cfg.data, device=device)
+    except Exception as err:  # noqa: BLE001 - instantiate wraps the constructor's error: look at the cause
+        e = err
+        while e is not None and not isinstance(e, PermissionError):
+            e = e.__cause__ or e.__context__
+        if e is None:
+            raise
+        from data.common import DataError
+
+        # an unreadable data folder or file: name it (the bare PermissionError may not)
+        raise DataError(
+            f"cannot read {e.filename or cfg.data.get('root')}: permission denied. Make it readable by this user "
+            f"(chmod / ask its owner), or point data.root at a readable copy"
+        ) from None
     model = instantiate(cfg.model, x_dim=data.x_dim, train_mean=data.train_mean.to(device)).to(device)
     estimator = instantiate(cfg.estimator, context_dim=model.context_dim).to(device)
     basket = {  # the running estimator is measured as itself (with its trained state), not as a fresh copy
@@ -122,16 +154,25 @@ def evaluate(
     n_samples: int = 1,
     chunk: int = 100,
     max_examples: int | None = None,
+    progress: str | None = None,
 ) -> float:
-    """Mean over the split of the bound with ``n_samples`` importance samples (1 = the ELBO)."""
+    """Mean over the split of the bound with ``n_samples`` importance samples (1 = the ELBO).
+
+    ``progress``: a description for a progress bar (the m = 1000 bound over 10,000 images takes minutes)."""
     model.eval()
     total, count = 0.0, 0
     if max_examples is not None and max_examples < split.n:
         # evenly spaced examples, not the first N: the test file is ordered (its first images are harder)
         idx = torch.linspace(0, split.n - 1, int(max_examples)).long()  # [N']
         batches = (split.batch(i) for i in idx.split(batch_size))
+        n_batches = math.ceil(len(idx) / batch_size)
     else:
         batches = split.batches(batch_size)
+        n_batches = math.ceil(split.n / batch_size)
+    if progress is not None:
+        batches = tqdm(
+            batches, total=n_batches, desc=progress, dynamic_ncols=True, mininterval=1.0, leave=False
+        )
     for x in batches:
         if n_samples == 1:
             b = model.elbo(x)  # [B]
@@ -144,8 +185,15 @@ def evaluate(
 
 
 def save_checkpoint(
-    path: Path, run: Run, step: int, batch_gen: torch.Generator, logger: RunLogger, elapsed: float
+    path: Path,
+    run: Run,
+    step: int,
+    batch_gen: torch.Generator,
+    logger: RunLogger,
+    elapsed: float,
+    divergence_ref: float | None = None,
 ) -> None:
+    logger.flush()  # W&B receives what metrics.jsonl holds up to this checkpoint
     atomic_torch_save(
         {
             "step": step,
@@ -158,6 +206,7 @@ def save_checkpoint(
             "elapsed": elapsed,
             "basket": {name: est.state_dict() for name, est in run.basket.items()},
             "basket_optimizer": run.basket_optimizer.state_dict() if run.basket_optimizer else None,
+            "divergence_ref": divergence_ref,
         },
         path,
     )
@@ -170,26 +219,34 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     check_resume(resolved, run_dir)  # before anything is loaded or overwritten
+    for tmp in run_dir.glob(".*.tmp"):  # half-written files of a process killed mid-write (we hold the lock)
+        tmp.unlink(missing_ok=True)
+    ckpt_path = run_dir / CHECKPOINT
+    # read before the data: a bad checkpoint is answered at once, and nothing in the directory is touched
+    ckpt = load_checkpoint(ckpt_path, torch.device("cpu")) if ckpt_path.exists() else None
     run = build(cfg)
-    model, estimator, opt = run.model, run.estimator, run.optimizer
     train_split, val_split, test_split = (run.data.split(s) for s in ("train", "valid", "test"))
     batch_gen = torch.Generator().manual_seed(int(cfg.seed))  # minibatch indices, on CPU
 
-    start, elapsed, resume_lines = 0, 0.0, None
-    ckpt_path = run_dir / CHECKPOINT
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=run.device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        estimator.load_state_dict(ckpt["estimator"])
-        opt.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        batch_gen.set_state(ckpt["batch_gen"])
-        for name, state in ckpt.get("basket", {}).items():
-            if name in run.basket:
-                run.basket[name].load_state_dict(state)
-        if run.basket_optimizer is not None and ckpt.get("basket_optimizer") is not None:
-            run.basket_optimizer.load_state_dict(ckpt["basket_optimizer"])
-        start, elapsed, resume_lines = int(ckpt["step"]), float(ckpt["elapsed"]), int(ckpt["metrics_lines"])
+    start, elapsed, resume_lines, div_ref = 0, 0.0, None, None
+    if ckpt is not None:
+        try:
+            restore(run, ckpt, batch_gen)
+            start, elapsed, resume_lines = (
+                int(ckpt["step"]),
+                float(ckpt["elapsed"]),
+                int(ckpt["metrics_lines"]),
+            )
+        except (
+            KeyError,
+            RuntimeError,
+            ValueError,
+            TypeError,
+        ) as e:  # a checkpoint of another model / version
+            raise CheckpointError(
+                bad_checkpoint(ckpt_path, f"it does not fit this run ({one_line(e)})")
+            ) from None
+        div_ref = ckpt.get("divergence_ref")
         print(f"resuming from {ckpt_path} at step {start}")
 
     resolved["git_rev"] = git_revision()
@@ -208,16 +265,97 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
         name=f"{model_name}-{est_name}-{cfg.seed}",
         tags=list(lg.get("tags") or []),
         resume_lines=resume_lines,
+        init_timeout=float(lg.get("init_timeout") or 15.0),
     )
     exit_code = 1
-    try:
-        summary = _loop(
-            cfg, run, logger, train_split, val_split, test_split, batch_gen, start, elapsed, run_dir
-        )
-        exit_code = 0
-    finally:
-        logger.finish(exit_code)
+    with GracefulStop() as stop:
+        try:
+            summary = _loop(
+                cfg,
+                run,
+                logger,
+                train_split,
+                val_split,
+                test_split,
+                batch_gen,
+                start,
+                elapsed,
+                run_dir,
+                stop,
+                div_ref,
+            )
+            exit_code = 0
+        except RunInterrupted as e:
+            exit_code = e.exit_code
+            raise
+        except OSError as e:
+            if e.errno in STORAGE_ERRNOS:
+                raise StorageError(storage_message(e, run_dir)) from e
+            raise
+        finally:
+            logger.finish(exit_code)  # flushes metrics.jsonl and the W&B run (offline: every record on disk)
+            if exit_code not in (0, 1):
+                stop.chain()  # a launcher's own handler (submitit requeues on SIGUSR2), after the checkpoint
+    # written last, after the W&B run is complete on disk: a sweep skips runs that have DONE
+    atomic_json(summary, run_dir / SUMMARY)
+    (run_dir / DONE).write_text("finished\n")
     return summary
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def bad_checkpoint(path: Path, why: str) -> str:
+    return (
+        f"cannot resume from {path}: {why}. Delete it to restart this run from step 0 (rm {path}), or give "
+        f"the run another directory (hydra.run.dir=... / hydra.sweep.dir=...)"
+    )
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """A checkpoint written by ``save_checkpoint``, loaded with ``weights_only=True``: tensors, numbers,
+    strings and containers only, so a crafted file cannot run code. Any failure is one named error."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
+        why = "it is truncated or corrupt, or holds objects other than tensors and numbers"
+        raise CheckpointError(bad_checkpoint(path, f"{why} ({one_line(e)[:200]})")) from None
+    needed = ("step", "model", "estimator", "optimizer", "rng", "batch_gen", "metrics_lines", "elapsed")
+    missing = [k for k in needed if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            bad_checkpoint(path, f"it is not a checkpoint of this project (no {', '.join(missing)})")
+        )
+    return ckpt
+
+
+def restore(run: Run, ckpt: dict[str, Any], batch_gen: torch.Generator) -> None:
+    run.model.load_state_dict(ckpt["model"])
+    run.estimator.load_state_dict(ckpt["estimator"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    batch_gen.set_state(ckpt["batch_gen"])
+    for name, state in ckpt.get("basket", {}).items():
+        if name in run.basket:
+            run.basket[name].load_state_dict(state)
+    if run.basket_optimizer is not None and ckpt.get("basket_optimizer") is not None:
+        run.basket_optimizer.load_state_dict(ckpt["basket_optimizer"])
+
+
+def storage_message(e: OSError, run_dir: Path) -> str:
+    what = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exceeded",
+        errno.EROFS: "the file system is read-only",
+        errno.EFBIG: "the file is too large for the file system",
+    }.get(e.errno, "permission denied")
+    where = e.filename or run_dir
+    return (
+        f"cannot write {where}: {what}. Free space (or fix permissions) there, or give the run another "
+        f"directory (hydra.run.dir=...); the last checkpoint in {run_dir} is intact and the same command resumes from it"
+    )
 
 
 def _loop(
@@ -231,12 +369,15 @@ def _loop(
     start: int,
     elapsed: float,
     run_dir: Path,
+    stop: GracefulStop,
+    div_ref: float | None = None,
 ) -> dict[str, Any]:
     model, estimator, opt = run.model, run.estimator, run.optimizer
     t, ev, var_cfg = cfg.train, cfg.eval, cfg.variance
     steps = int(t.steps)
     var_batch = None
     last_var = float("nan")
+    quiet = bool(cfg.get("quiet", False))
     bar = tqdm(
         range(start, steps),
         initial=start,
@@ -244,8 +385,9 @@ def _loop(
         desc=f"{cfg.model.name}/{cfg.estimator.name}",
         dynamic_ncols=True,
         mininterval=1.0,
-        disable=bool(cfg.get("quiet", False)),
+        disable=quiet,
     )
+    watch = DivergenceWatch(float(t.get("divergence_factor") or 0.0), div_ref, cfg)
     tick = time.perf_counter()
     train_elbo = float("nan")
     for step in bar:
@@ -291,10 +433,13 @@ def _loop(
         if run.basket:
             follow_trajectory(run, model, x)
         done = step + 1
-        train_elbo = -est.cost.mean().item()
-        if not math.isfinite(train_elbo):
-            raise FloatingPointError(f"training ELBO is {train_elbo} at step {done}: lower optim.lr")
-        if done % int(t.log_every) == 0:
+        watch.add(est.cost, done)  # on the device: no host synchronisation here
+        log_now = done % int(t.log_every) == 0
+        ckpt_now = done % int(t.checkpoint_every) == 0 or done == steps or bool(stop.requested)
+        if log_now or ckpt_now:
+            # the only host synchronisation of the step, and never a checkpoint of a diverged model
+            train_elbo = -watch.check(done)
+        if log_now:
             logger.log(
                 {
                     "train/elbo": train_elbo,
@@ -303,11 +448,20 @@ def _loop(
                 },
                 done,
             )
-        bar.set_postfix(elbo=f"{train_elbo:.2f}", log10_var=f"{last_var:.2f}", refresh=False)
-        if done % int(t.checkpoint_every) == 0 or done == steps:
+            bar.set_postfix(elbo=f"{train_elbo:.2f}", log10_var=f"{last_var:.2f}", refresh=False)
+        if ckpt_now:
             save_checkpoint(
-                run_dir / CHECKPOINT, run, done, batch_gen, logger, elapsed + time.perf_counter() - tick
+                run_dir / CHECKPOINT,
+                run,
+                done,
+                batch_gen,
+                logger,
+                elapsed + time.perf_counter() - tick,
+                watch.reference,
             )
+            if stop.requested and done < steps:
+                bar.close()
+                raise RunInterrupted(stop.requested, done, str(run_dir))
     bar.close()
     elapsed += time.perf_counter() - tick
 
@@ -317,10 +471,24 @@ def _loop(
     result = {
         "val/elbo": evaluate(model, val_split, bs, 1, max_examples=t.get("val_examples")),
         "test/elbo": evaluate(model, test_split, bs, 1, max_examples=limit),
-        f"test/bound_{m}": evaluate(model, test_split, bs, m, int(ev.chunk), max_examples=limit),
+        f"test/bound_{m}": evaluate(
+            model,
+            test_split,
+            bs,
+            m,
+            int(ev.chunk),
+            max_examples=limit,
+            progress=None if quiet else f"test bound (m={m})",
+        ),
     }
     if hasattr(model, "kl_to_target"):  # SVI of a target with a known normaliser (models/mixture_svi.py)
         result["test/kl_to_target"] = float(model.kl_to_target())
+    bad = {k: v for k, v in result.items() if not math.isfinite(v)}
+    if bad:
+        raise Diverged(
+            f"the final evaluation is not finite ({', '.join(f'{k}={v}' for k, v in bad.items())}): the model "
+            f"diverged; lower optim.lr (now {cfg.optim.lr}) and run again in a new directory"
+        )
     logger.log(result, steps)
     if hasattr(model, "plot") and getattr(model, "latent_dim", 2) == 2:  # 2-D: target and fitted density
         path = model.plot(run_dir / "density.png")
@@ -359,9 +527,59 @@ def _loop(
         "wandb_sync": logger.sync_command(),
     }
     logger.summary(summary)
-    atomic_json(summary, run_dir / SUMMARY)
-    (run_dir / DONE).write_text("finished\n")  # written last: a sweep skips runs that have it
     return summary
+
+
+class DivergenceWatch:
+    """Non-finite or runaway training costs, tracked on the device and read only at log / checkpoint steps.
+
+    Diverged when any step's mean cost is not finite, or when the mean cost of a log window exceeds, in absolute
+    value, ``factor`` times the cost of the first step, at the initial parameters (taken as at least 100 nats;
+    kept in the checkpoint): an SBN on MNIST starts near 550 nats and ends near 100, while Adam at lr 1e4
+    reaches millions. ``factor`` 0 turns the runaway test off (non-finite costs still fail).
+    """
+
+    def __init__(self, factor: float, reference: float | None, cfg):
+        self.factor, self.reference, self.cfg = factor, reference, cfg
+        self.total: torch.Tensor | None = None  # [] sum of the window's per-step mean costs
+        self.count = 0
+        self.first_bad: torch.Tensor | None = None  # [] first step with a non-finite cost, -1 if none
+        self._ref: torch.Tensor | None = None  # [] |cost| of the first step, until read
+
+    def add(self, cost: torch.Tensor, step: int) -> None:
+        c = cost.detach().mean()  # []
+        if self.reference is None and self._ref is None:
+            self._ref = c.abs()  # [] the first step's cost: at the initial parameters
+        if self.total is None:
+            self.total = torch.zeros((), dtype=c.dtype, device=c.device)
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=c.device)
+        self.total = self.total + c
+        self.count += 1
+        bad = (~torch.isfinite(c)) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+
+    def check(self, step: int) -> float:
+        """The window's mean cost (then reset); raises :class:`Diverged`."""
+        if self.total is None or self.count == 0:
+            return float("nan")
+        mean, first_bad = (self.total / self.count).item(), int(self.first_bad.item())
+        self.total, self.count = None, 0
+        lr = self.cfg.optim.lr
+        if first_bad >= 0:
+            raise Diverged(
+                f"training diverged at step {first_bad}: the training cost is not finite; lower optim.lr "
+                f"(now {lr}) and run again in a new directory (the checkpoint before it is kept)"
+            )
+        if self.reference is None and self._ref is not None:
+            self.reference = float(self._ref.item())  # finite: a non-finite first step failed above
+        limit = self.factor * max(self.reference, 100.0)
+        if self.factor > 0 and abs(mean) > limit:
+            raise Diverged(
+                f"training diverged by step {step}: the mean training cost is {mean:.4g}, over "
+                f"train.divergence_factor={self.factor:g} times its start ({self.reference:.4g}); lower optim.lr "
+                f"(now {lr}) and run again in a new directory, or raise train.divergence_factor"
+            )
+        return mean
 
 
 def follow_trajectory(run: Run, model: LatentVariableModel, x: torch.Tensor) -> None:

@@ -29,6 +29,17 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but CUDA is not available on this machine: use device=auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s): use cuda:0 .. "
+            f"cuda:{torch.cuda.device_count() - 1} or device=auto"
+        )
+    if device.type == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise ValueError(
+            f"device={name!r} but MPS (Apple GPU) is not available on this machine: use device=auto or cpu"
+        )
     return device
 
 
@@ -57,8 +68,10 @@ def atomic_write_bytes(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # a failed write names no file by itself: name the one we were writing
         raise
 
 

@@ -108,6 +108,25 @@ CASES = [
         ["variance.bias.reference='st' is a biased estimator", "Unbiased estimators for this model:"],
     ),
 ]
+CASES += [
+    ("layers-not-a-list", ["model.layers=200"], ["model.layers=200 is not a list", "model.layers=[200]"]),
+    ("betas-one-number", ["optim.betas=[0.9]"], ["optim.betas=", "two numbers in [0, 1)"]),
+    ("betas-not-a-list", ["optim.betas=0.9"], ["optim.betas=0.9 is not a list: write optim.betas=[0.9]"]),
+    ("nonlinear-maybe", ["model.nonlinear=maybe"], ["model.nonlinear='maybe' is not true or false"]),
+    ("steps-a-word", ["train.steps=many"], ["train.steps='many' is not a number"]),
+    ("basket-not-a-list", ["variance.basket=reinforce"], ["variance.basket='reinforce' is not a list"]),
+    (
+        "synthetic-for-sbn",
+        ["data=synthetic"],
+        ["reads images but data 'synthetic' provides none", "data=binarized_mnist"],
+    ),
+    (
+        "mps-absent",
+        ["device=mps"],
+        ["device='mps' but MPS (Apple GPU) is not available", "device=auto or cpu"],
+    ),
+    ("cuda-absent", ["device=cuda:3"], ["device='cuda:3'"]),
+]
 NEEDS = {
     "zero-components": ("model", "mixture_vae"),
     "muprop-on-mixture": ("model", "mixture_vae"),
@@ -151,5 +170,50 @@ def test_missing_data_is_a_clean_error(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
     assert "data.root" in proc.stderr  # the message says how to point the runner at the data
-    assert not (run_dir / "checkpoint.pt").exists()
-    assert (run_dir / "error.txt").read_text().startswith("DataError")  # the traceback is kept in the run dir
+    assert not run_dir.exists()  # a refused run leaves no folder behind (Hydra made it for this command only)
+
+
+def test_empty_data_root_is_refused(tmp_path):
+    proc = run_py(["data.root=", "logger=disabled", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert proc.returncode == 2 and proc.stderr.startswith("error: data.root is empty"), proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "under-file"])
+def test_run_directory_that_cannot_be_made(tmp_path, where):
+    target = tmp_path / "afile"
+    target.write_text("x")
+    run_dir = target if where == "file" else target / "run"
+    proc = run_py([f"data.root={MISSING}", "logger=disabled", f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 2 and proc.stderr.startswith("error: hydra.run.dir="), proc.stderr
+    assert "is a file" in proc.stderr or "is an existing file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_slurm_launcher_without_slurm(tmp_path):
+    import shutil
+
+    if shutil.which("sbatch"):
+        pytest.skip("this machine has SLURM")
+    proc = run_py(["-m", "hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path / 's'}", "logger=disabled"])
+    assert proc.returncode == 2 and "hydra/launcher=slurm needs SLURM" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unreadable_data_is_named(tiny_cfg, tmp_path, monkeypatch):
+    """As root, file permissions do not stop reads: the PermissionError is raised by a patched reader."""
+    from pathlib import Path as P
+
+    from data.common import DataError
+    from runners.train import build
+
+    real = P.read_bytes
+
+    def denied(self):
+        if self.name.startswith("binarized_mnist"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(P, "read_bytes", denied)
+    with pytest.raises(DataError, match="cannot read .*binarized_mnist.*permission denied"):
+        build(tiny_cfg())
