@@ -133,8 +133,8 @@ class REBAR(Estimator):
         """c_i(z_i) [S, B] for layer ``layer`` from the relaxed cost [S, B] and the leaf z_i [S, B, D_i]."""
         return self.eta[layer] * f_relaxed  # [S, B]
 
-    def control_variate_penalty(self) -> Tensor | float:
-        """Extra term of the variance objective (RELAX: weight decay of its net)."""
+    def control_variate_penalty(self, n_layers: int) -> Tensor | float:
+        """Extra term of the variance objective for a model of ``n_layers`` (RELAX: weight decay of its nets)."""
         return 0.0
 
     # ---------------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ class REBAR(Estimator):
             if train_cv:
                 own = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
                 d_own = torch.autograd.grad(
-                    variance + self.control_variate_penalty(), [p for _, p in own], allow_unused=True
+                    variance + self.control_variate_penalty(n_layers), [p for _, p in own], allow_unused=True
                 )
                 first, beta = not bool(self.rms_initialised), self.rms_decay
                 for (n, p), g in zip(own, d_own):

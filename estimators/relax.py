@@ -62,7 +62,7 @@ class RELAX(REBAR):
         eta: float = 1.0,
         max_layers: int = 4,
         hidden: int = 200,
-        max_input: int = 2048,
+        max_input: int = 1400,
         weight_decay: float = 0.001,
         rms_decay: float = 0.99,
         context_dim: int | None = None,
@@ -100,8 +100,9 @@ class RELAX(REBAR):
         r = self.nets[layer](torch.cat(parts, -1))  # [S, B]
         return self.eta[layer] * (f_relaxed + r)  # [S, B]
 
-    def control_variate_penalty(self) -> Tensor | float:
-        """0.5 * wd * |w|^2 over all the nets' parameters (tf.nn.l2_loss over the Q variables, as the reference)."""
+    def control_variate_penalty(self, n_layers: int) -> Tensor | float:
+        """0.5 * wd * |w|^2 over the parameters of the nets in use (tf.nn.l2_loss over the Q variables, as the
+        reference); the nets of layers the model lacks get no gradient at all and stay as they are."""
         if self.weight_decay == 0:
             return 0.0
-        return 0.5 * self.weight_decay * sum(p.square().sum() for n, p in self.nets.named_parameters())
+        return 0.5 * self.weight_decay * sum(p.square().sum() for p in self.nets[:n_layers].parameters())
