@@ -30,7 +30,14 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from runners.checks import ConfigError, check_config, check_finished, check_overrides, check_paths
+from runners.checks import (
+    ConfigError,
+    check_config,
+    check_finished,
+    check_overrides,
+    check_paths,
+    with_model_defaults,
+)
 from runners.interrupt import RunInterrupted
 from runners.lock import RunLock, RunLocked
 from runners.logger import DONE, ERROR_FILE, SUMMARY
@@ -232,6 +239,7 @@ def worker_pids(parent: int) -> list[int]:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = with_model_defaults(sys.argv[1:])  # model=mixture_vae alone: an estimator that serves it
     precheck(sys.argv[1:])
     sweep_signals = SweepSignals()
     if any(a in ("-m", "--multirun") for a in sys.argv[1:]):

@@ -89,6 +89,28 @@ def check_overrides(args: list[str]) -> None:
                 raise ConfigError(f"unknown {group} {value!r} in {arg!r}; choose one of: {_options(group)}")
 
 
+#: what ``model=X`` brings with it when the command line chooses no estimator / data / experiment itself: the
+#: defaults of conf/config.yaml (muprop_c, binarized MNIST) cannot serve these models
+MODEL_DEFAULTS: dict[str, dict[str, str]] = {
+    "mixture_vae": {"estimator": "implicit_mixture"},
+    "mixture_svi": {"estimator": "implicit_mixture", "data": "synthetic"},
+}
+
+
+def with_model_defaults(args: list[str]) -> list[str]:
+    """``args`` plus the choices ``MODEL_DEFAULTS`` gives a model named alone (one value) on the command line."""
+    chosen = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a and not a.startswith("-")}
+    if "experiment" in chosen:
+        return args
+    model = next((a.split("=", 1)[1] for a in args if a.startswith("model=")), None)
+    extra = [
+        f"{group}={option}"
+        for group, option in MODEL_DEFAULTS.get(model or "", {}).items()
+        if group not in chosen
+    ]
+    return [*extra, *args]  # first: after a flag such as --cfg job, argparse takes no more overrides
+
+
 def target_class(node: DictConfig, what: str) -> type:
     target = node.get("_target_")
     if not target:
@@ -289,7 +311,9 @@ def check_types(cfg: DictConfig) -> None:
             value = OmegaConf.select(cfg, f"{prefix}.{key}", default=None, throw_on_missing=False)
             if not _matches(kind, value):
                 if kind == "list":
-                    raise ConfigError(f"{prefix}.{key}={value!r} is not a list: write {prefix}.{key}=[{value}]")
+                    raise ConfigError(
+                        f"{prefix}.{key}={value!r} is not a list: write {prefix}.{key}=[{value}]"
+                    )
                 raise ConfigError(f"{prefix}.{key}={value!r} is not {_EXAMPLE[kind]}")
 
 

@@ -217,3 +217,39 @@ def test_unreadable_data_is_named(tiny_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(P, "read_bytes", denied)
     with pytest.raises(DataError, match="cannot read .*binarized_mnist.*permission denied"):
         build(tiny_cfg())
+
+
+def test_a_model_named_alone_brings_an_estimator_that_serves_it():
+    from runners.checks import with_model_defaults
+
+    assert set(with_model_defaults(["model=mixture_svi"])) == {
+        "model=mixture_svi",
+        "estimator=implicit_mixture",
+        "data=synthetic",
+    }
+    assert with_model_defaults(["model=mixture_vae", "estimator=mixture_score"]) == [
+        "model=mixture_vae",
+        "estimator=mixture_score",
+    ]  # the user's choice wins
+    assert with_model_defaults(["model=sbn"]) == ["model=sbn"]
+    assert with_model_defaults(["experiment=mixture_vae", "model=mixture_vae"]) == [
+        "experiment=mixture_vae",
+        "model=mixture_vae",
+    ]
+
+
+def test_model_alone_on_the_command_line_runs(tmp_path):
+    proc = run_py(
+        [
+            "model=mixture_svi",
+            "train.steps=2",
+            "eval.samples=2",
+            "variance.every=0",
+            "logger=disabled",
+            "quiet=true",
+            "data.n_eval=4",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "DONE").exists()
