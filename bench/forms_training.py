@@ -15,7 +15,7 @@ then reports the test NLL with m = 100 (the paper's metric, -log (1/m) sum_i p(y
 ``--test-examples`` test examples and the mean |gradient| of h1's parameters over the last 100 steps.
 
     .venv/bin/python bench/forms_training.py       # about 3 min on 2 shared busy cores
-Writes bench/results/forms_training.json and .md.
+Writes bench/results/forms_training_seed<seed>.json and .md (one run per seed: ``--seed 1``, ``--seed 2``).
 """
 
 from __future__ import annotations
@@ -119,10 +119,9 @@ def main() -> None:
         )
     lines.append(f"\nWall time {time.time() - start:.0f} s, torch threads 1.")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "forms_training.json").write_text(
-        json.dumps({"args": vars(args), "results": results}, indent=1)
-    )
-    (RESULTS / "forms_training.md").write_text("\n".join(lines) + "\n")
+    stem = f"forms_training_seed{args.seed}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
