@@ -10,7 +10,7 @@ import torch
 import estimators.muprop as muprop_module
 import estimators.reinforce as reinforce_module
 from models.fdarn import FDARN
-from tests.exact import enumerate_states, exact_objective, flat_grad
+from tests.exact import Z_MAX, enumerate_states, exact_objective, flat_grad, mc_gradients, z_scores
 from tests.exact_discrete import build, expected_gradient, one_thread
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
@@ -58,3 +58,24 @@ def test_generate_shapes():
     model, _ = tiny_fdarn(visible=True)
     x = model.float().generate(4)
     assert x.shape == (4, 5) and bool(((x >= 0) & (x <= 1)).all())
+
+
+def unbiased_bernoulli_estimators() -> list[str]:
+    from pathlib import Path
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "estimator"
+    names = sorted(p.stem for p in conf.glob("*.yaml"))
+    return [n for n in names if "bernoulli" in (e := build(n, 5)).supports and e.unbiased]
+
+
+@pytest.mark.parametrize("est_name", unbiased_bernoulli_estimators())
+def test_unbiased_on_enumerable_fdarn(est_name):
+    """Every unbiased Bernoulli estimator (glob) against the exact gradient of the tiny fDARN with autoregressive
+    prior and pixels: z-test of 200 group means, |z| < Z_MAX (false-failure rate: tests/exact.py)."""
+    model, x = tiny_fdarn(visible=True, seed=2)
+    exact = flat_grad(exact_objective(model, x), list(model.parameters()))
+    estimator = build(est_name, model.context_dim)
+    torch.manual_seed(2)
+    g = mc_gradients(model, estimator, x, groups=200, replicas=200)  # [G, P]
+    z = z_scores(g, exact)
+    assert z.abs().max() < Z_MAX, f"{est_name}: max |z| = {z.abs().max():.2f}"
