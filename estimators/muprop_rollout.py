@@ -8,7 +8,8 @@
 
 where z_<i are the *sampled* layers below i and MF_>i(y) propagates means instead of samples through every
 layer above i. Gu, Levine, Sutskever, Mnih, "MuProp: Unbiased Backpropagation for Stochastic Neural Networks",
-ICLR 2016: the extension proposed in Sec. 6 and drawn in Fig. 1 (right), never run in the paper: instead of
+ICLR 2016: the extension proposed in Sec. 6 and drawn in Fig. 1 (right), never run in the paper (so issue 11
+cites it; the paper's text could not be checked offline, so this is the construction as read here): instead of
 one mean-field network for all layers (Algorithm 1, whose expansion point for layer i ignores the samples
 below it), expand layer i's cost around the mean-field continuation *from the sampled prefix*. Layer 1's
 rollout is Algorithm 1's mean-field pass. f_i' is the total derivative of the rollout f_i (through the

@@ -4,9 +4,9 @@
     c(z) = eta (f(sigmoid(z / tau)) + r_rho(z))
 
 Grathwohl, Choi, Wu, Roeder, Duvenaud, "Backpropagation through the Void: Optimizing control variates for
-black-box gradient estimation", ICLR 2018, Eq. 8 (the discrete RELAX estimator) and Sec. 6.2 (discrete VAE:
-c_phi(z) = f(sigma_lambda(z)) + r_rho(z)); phi = (tau, eta, rho) trained on the single-sample variance
-estimate (Sec. 3.3). **Unbiased** for every phi: c is any differentiable function of z given the layers below.
+black-box gradient estimation", ICLR 2018: the discrete RELAX estimator, its section "Discrete variational
+autoencoder" (c_phi(z) = f(sigma_lambda(z)) + r_rho(z), r_rho a neural network) and phi = (tau, eta, rho) trained
+on the single-sample variance estimate (section "Gradient-based optimization of the control variate"). **Unbiased** for every phi: c is any differentiable function of z given the layers below.
 
 Everything but c is REBAR's (estimators/rebar.py: tied conditional noise, per-layer form for multi-layer SBNs,
 the variance objective in logit space and how its gradient reaches phi through the surrogate). The reference

@@ -4,9 +4,9 @@
     grad L = sum_k [L - L_{-k}] grad log q(h_k | x)  +  sum_k w~_k grad log w_k,      w~_k = w_k / sum_j w_j
     L_{-k} = log (1/K) (sum_{j != k} w_j + w^_{-k}),   w^_{-k} = exp((1 / (K - 1)) sum_{j != k} log w_j)
 
-Mnih & Rezende, "Variational inference for Monte Carlo objectives", ICML 2016, Eq. 2 (the bound), Eq. 5-6
-(the gradient), Sec. 3.2 (the leave-one-out signal with the geometric mean w^_{-k} of the other K - 1 weights
-standing in for w_k). **Unbiased for the gradient of E[L], the K-sample bound, not of the ELBO E[-cost]**:
+Mnih & Rezende, "Variational inference for Monte Carlo objectives", ICML 2016: the multi-sample bound, its
+gradient, and the per-sample leave-one-out learning signal with the geometric mean w^_{-k} of the other K - 1
+weights standing in for w_k (equation numbers not given: they could not be checked against the paper offline). **Unbiased for the gradient of E[L], the K-sample bound, not of the ELBO E[-cost]**:
 it trains a different objective, so the instance says ``unbiased = False`` (tests/test_biased.py checks that
 this difference shows against the ELBO gradient; tests/test_vimco.py checks unbiasedness for E[L] by
 enumerating the K-tuples). L_{-k} does not depend on h_k, so subtracting it keeps the estimate unbiased.
