@@ -14,7 +14,9 @@ enumerating the K-tuples). L_{-k} does not depend on h_k, so subtracting it keep
 What is reported: ``cost`` holds the K per-sample costs -log w_k ([K, B]), so the runner's ``train/elbo`` is
 the single-sample ELBO averaged over the K samples, comparable with every other estimator's; the K-sample
 bound VIMCO actually maximises is ``diagnostics["vimco_bound"]`` (batch mean of L, logged as
-``train/vimco_bound``). The IW bounds of evaluation are unchanged (the runner's ``test/bound_m``).
+``train/vimco_bound``; it is the last step's, while ``train/elbo`` is the runner's mean over its log window) and
+``vimco_ess`` the effective sample size 1 / sum_k w~_k^2 (between 1 and K, batch mean). The IW bounds of
+evaluation are unchanged (the runner's ``test/bound_m``).
 Passes: one model evaluation with K samples per example.
 """
 
