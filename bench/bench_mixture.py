@@ -1,31 +1,42 @@
-"""Benchmark: ``DiagNormalMixture.rsample`` + backward against the dense-Jacobian reference and a Normal.
+"""Benchmark: ``DiagNormalMixture.rsample`` + backward, against an earlier revision, the floor and the dense reference.
 
 For a batch of B mixtures (K components, D dims) each timed step draws one sample per mixture and
-backpropagates a random linear cost to logits, loc and scale:
+backpropagates the cost sum(x^2) to logits, loc and scale:
 
-* ``structured``: ``DiagNormalMixture(...).rsample()`` + ``torch.autograd.grad`` (the O(D K) backward);
-* ``dense``: sample + ``implicit_grad_dense_reference`` (autograd Jacobian of T, D x D per sample,
-  triangular solve); skipped when its [D, B, K, D] intermediates would be too large;
-* ``normal``: ``Normal(loc, scale).rsample()`` + backward of the same [B, D] (the floor: K = 1 and no T).
+* ``ours``: ``DiagNormalMixture(...).rsample()`` + ``torch.autograd.grad`` (the O(D K) backward);
+* ``base``: the same with ``estimators/mixture_dist.py`` as of git revision ``--baseline`` (default: the
+  revision before the float32 / API / speed work of issue 10), loaded from ``git show`` into a scratch
+  module, so before and after are measured in ONE run on the same machine state;
+* ``comp``: ``ours`` with ``compile_backward=True`` (``torch.compile`` of the backward), only for the
+  configurations in ``--compiled`` (each new shape compiles for tens of seconds; compile excluded from the
+  timing and printed separately);
+* ``normal``: ``Normal(loc, scale).rsample()`` + backward of the same [B, D] (the floor: K = 1, no T);
+* ``dense`` (``--dense``): sample + ``implicit_grad_dense_reference`` (autograd Jacobian of T, D x D per
+  sample, triangular solve); skipped when its intermediates would be too large.
 
-Ratios dense/structured and structured/normal come from the same run. Times are medians of
-``torch.utils.benchmark`` blocked_autorange (it warms up first).
+Times are medians of ``torch.utils.benchmark`` blocked_autorange (after one warm-up call). One CPU thread
+by default (``--threads``): the machine this was written on has 2 cores shared by several jobs.
 
-    python bench/bench_mixture.py            # full table (CPU, and CUDA when available)
-    python bench/bench_mixture.py --quick    # small subset
+    python bench/bench_mixture.py                                  # K x D grid of issue 10, eager
+    python bench/bench_mixture.py --only 10x16,2x128 --compiled 10x16,2x128
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import subprocess
 import sys
+import tempfile
+import time
 
 import torch
 from torch.distributions import Normal
 from torch.utils import benchmark
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from estimators.mixture_dist import (  # noqa: E402
     DEFAULT_BLOCK_SIZE,
@@ -34,6 +45,27 @@ from estimators.mixture_dist import (  # noqa: E402
 )
 
 DENSE_MAX_ELEMENTS = 64_000_000  # B * K * D^2 above which the dense reference is skipped (memory)
+BASELINE_REV = "99a8426"  # main before issue 10's changes to estimators/mixture_dist.py
+
+
+def load_revision(rev: str):
+    """``estimators/mixture_dist.py`` at git revision ``rev`` as a module (None if git cannot show it)."""
+    try:
+        source = subprocess.run(
+            ["git", "-C", ROOT, "show", f"{rev}:estimators/mixture_dist.py"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = os.path.join(tempfile.mkdtemp(), f"mixture_dist_{rev}.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(f"mixture_dist_{rev}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_params(b: int, k: int, d: int, device: str, dtype: torch.dtype, seed: int = 0):
@@ -52,90 +84,113 @@ def time_fn(fn, device: str, min_run_time: float) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    step()  # warm-up (allocator, lazy init) outside the measurement
+    step()  # warm-up (allocator, lazy init, compile) outside the measurement
     timer = benchmark.Timer(stmt="step()", globals={"step": step})
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def bench_one(b, k, d, device, dtype, min_run_time, block_size, with_dense=True):
-    params = make_params(b, k, d, device, dtype)
-    g = torch.randn(b, d, device=device, dtype=dtype)  # [B, D], upstream gradient of a linear cost
-    dist = DiagNormalMixture(*params, block_size=block_size)
+def rsample_step(cls, params, **kwargs):
+    dist = cls(*params, **kwargs)
 
-    def structured():
+    def step():
         x = dist.rsample()  # [B, D]
-        torch.autograd.grad((x * g).sum(), params)
+        torch.autograd.grad(x.square().sum(), params)
 
-    def dense():
-        x = dist.sample()  # [B, D]
-        implicit_grad_dense_reference(*params, x, g)
+    return step
 
-    loc2 = params[1][:, 0].detach().clone().requires_grad_()  # [B, D]
-    scale2 = params[2][:, 0].detach().clone().requires_grad_()  # [B, D]
 
-    def normal():
-        x = Normal(loc2, scale2).rsample()  # [B, D]
-        torch.autograd.grad((x * g).sum(), (loc2, scale2))
-
-    t_struct = time_fn(structured, device, min_run_time)
-    t_normal = time_fn(normal, device, min_run_time)
-    t_dense = float("nan")
-    if with_dense and b * k * d * d <= DENSE_MAX_ELEMENTS:
-        t_dense = time_fn(dense, device, min_run_time)
-    return t_struct, t_dense, t_normal
+def parse_configs(text: str) -> list[tuple[int, int]]:
+    """'10x16,2x128' -> [(10, 16), (2, 128)] as (K, D)."""
+    return [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="D in {2, 32}, K in {1, 10}")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
-    parser.add_argument("--no-dense", action="store_true")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--baseline", default=BASELINE_REV, help="git revision to compare with ('' for none)")
+    parser.add_argument("--only", default="", help="K x D configurations, e.g. 10x16,2x128 (default: grid)")
+    parser.add_argument("--compiled", default="", help="K x D configurations that also time compile_backward")
+    parser.add_argument("--dense", action="store_true", help="also time the dense-Jacobian reference")
     args = parser.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
 
-    dims = [2, 32] if args.quick else [2, 8, 32, 128, 512]
-    comps = [1, 10] if args.quick else [1, 10, 100]
-    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
-    devices = [dev for dev in devices if dev == "cpu" or torch.cuda.is_available()]
+    grid = [(k, d) for d in (1, 2, 16, 128, 512) for k in (1, 2, 10, 100)]
+    configs = parse_configs(args.only) if args.only else grid
+    compiled = set(parse_configs(args.compiled))
+    base = load_revision(args.baseline) if args.baseline else None
     dtype = getattr(torch, args.dtype)
-
     print(
-        f"# torch {torch.__version__}, {args.dtype}, B = {args.batch}, block_size = {args.block_size}, "
-        f"CPU threads = {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} "
-        f"on {os.cpu_count()} CPUs"
-        + (f", GPU = {torch.cuda.get_device_name()}" if "cuda" in devices else ", no CUDA device")
+        f"# torch {torch.__version__}, {args.dtype}, {args.device}, B = {args.batch}, block_size = "
+        f"{args.block_size}, threads = {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} CPUs, baseline = {args.baseline if base else 'none'}"
     )
-    print(
-        "# times: median ms per rsample + backward; dense skipped (-) where B*K*D^2 > "
-        f"{DENSE_MAX_ELEMENTS:.1e}"
-    )
+    print("# median ms per rsample + backward of sum(x^2); ratios from this one run")
     header = (
-        f"{'device':>6} {'D':>5} {'K':>4} {'structured':>11} {'dense':>10} {'normal':>9} "
-        f"{'dense/struct':>13} {'struct/normal':>14}"
+        f"{'K':>4} {'D':>4} {'base':>9} {'ours':>9} {'comp':>9} {'normal':>8} {'dense':>9} "
+        f"{'ours/base':>9} {'comp/base':>9} {'ours/normal':>11} {'comp/normal':>11} {'compile s':>9}"
     )
     print(header)
     print("-" * len(header))
-    for device in devices:
-        for d in dims:
-            for k in comps:
-                t_s, t_d, t_n = bench_one(
-                    args.batch, k, d, device, dtype, args.min_run_time, args.block_size, not args.no_dense
-                )
-                dense_txt = "-" if t_d != t_d else f"{t_d * 1e3:10.3f}"
-                ratio_txt = "-" if t_d != t_d else f"{t_d / t_s:13.2f}"
-                print(
-                    f"{device:>6} {d:>5} {k:>4} {t_s * 1e3:11.3f} {dense_txt:>10} {t_n * 1e3:9.3f} "
-                    f"{ratio_txt:>13} {t_s / t_n:14.1f}",
-                    flush=True,
-                )
+    nan = float("nan")
+    for k, d in configs:
+        params = make_params(args.batch, k, d, args.device, dtype)
+        t_ours = time_fn(
+            rsample_step(DiagNormalMixture, params, block_size=args.block_size),
+            args.device,
+            args.min_run_time,
+        )
+        t_base = nan
+        if base is not None:
+            t_base = time_fn(
+                rsample_step(base.DiagNormalMixture, params, block_size=args.block_size),
+                args.device,
+                args.min_run_time,
+            )
+        t_comp = compile_s = nan
+        if (k, d) in compiled:
+            step = rsample_step(DiagNormalMixture, params, block_size=args.block_size, compile_backward=True)
+            start = time.perf_counter()
+            step()  # compiles
+            compile_s = time.perf_counter() - start
+            t_comp = time_fn(step, args.device, args.min_run_time)
+        loc = params[1][:, 0].detach().clone().requires_grad_()  # [B, D]
+        scale = params[2][:, 0].detach().clone().requires_grad_()  # [B, D]
+
+        def normal(loc=loc, scale=scale):  # bound now: timed in this iteration
+            x = Normal(loc, scale).rsample()  # [B, D]
+            torch.autograd.grad(x.square().sum(), (loc, scale))
+
+        t_normal = time_fn(normal, args.device, args.min_run_time)
+        t_dense = nan
+        if args.dense and args.batch * k * d * d <= DENSE_MAX_ELEMENTS:
+            x = DiagNormalMixture(*params).sample()  # [B, D]
+            t_dense = time_fn(
+                lambda params=params, x=x: implicit_grad_dense_reference(*params, x, 2 * x),
+                args.device,
+                args.min_run_time,
+            )
+
+        def ms(t: float, width: int) -> str:
+            return f"{'-':>{width}}" if t != t else f"{t * 1e3:{width}.2f}"
+
+        def ratio(a: float, b: float, width: int) -> str:
+            return f"{'-':>{width}}" if a != a or b != b else f"{a / b:{width}.2f}"
+
+        print(
+            f"{k:>4} {d:>4} {ms(t_base, 9)} {ms(t_ours, 9)} {ms(t_comp, 9)} {ms(t_normal, 8)} {ms(t_dense, 9)} "
+            f"{ratio(t_ours, t_base, 9)} {ratio(t_comp, t_base, 9)} {ratio(t_ours, t_normal, 11)} "
+            f"{ratio(t_comp, t_normal, 11)} {'-' if compile_s != compile_s else f'{compile_s:9.1f}':>9}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -355,21 +355,31 @@ def _log_normal_interval(z_a: Tensor, z_b: Tensor, dz: Tensor) -> Tensor:
     log_near = torch.log(
         0.5 * (torch.special.erfc(hi_n * -_SQRT_HALF) - torch.special.erfc(lo.clamp(max=hi_n) * -_SQRT_HALF))
     )  # [...]
-    hi_f, lo_f = hi.clamp(max=cut), lo.clamp(max=cut)  # [...], [...]
-    inv_hi, inv_lo = hi_f.square().reciprocal(), lo_f.square().reciprocal()  # [...], [...]
-    series_hi, series_lo = torch.ones_like(inv_hi), torch.ones_like(inv_lo)  # [...], [...]
-    for n in range(8 if dz.dtype == torch.float64 else 5, 0, -1):
-        series_hi = 1.0 - (2 * n - 1) * inv_hi * series_hi  # [...]
-        series_lo = 1.0 - (2 * n - 1) * inv_lo * series_lo  # [...]
-    # dL = log Phi(hi) - log Phi(lo) without subtracting two large logs: (lo^2 - hi^2) / 2 = 2 delta |m|
-    # from delta itself (lo and hi may round to one number at |z| ~ 1e12 while delta is exact); >= 0.09
-    # wherever this branch is used, so the clamp only keeps unused elements finite
-    d_log = 2.0 * delta * (-0.5 * (lo_f + hi_f)) + (lo_f / hi_f).log() + (series_hi / series_lo).log()
-    d_log = d_log.clamp(min=1e-3)  # [...]
-    log_phi_hi = -0.5 * hi_f.square() - (-hi_f).log() - _HALF_LOG_2PI + series_hi.log()  # [...]
-    log_far = log_phi_hi + torch.log(-torch.expm1(-d_log))  # [...]
-    log_tail = _select(_mask(hi > cut, dz), log_near, log_far)  # [...]
+    far = hi <= cut  # [...]
+    # eager and unbatched: skip the far-tail branch when no element needs it (the usual case; a
+    # data-dependent branch, which vmap cannot batch and torch.compile would split at, so not there)
+    if torch.compiler.is_compiling() or _functorch_active() or bool(far.any()):
+        hi_f, lo_f = hi.clamp(max=cut), lo.clamp(max=cut)  # [...], [...]
+        inv_hi, inv_lo = hi_f.square().reciprocal(), lo_f.square().reciprocal()  # [...], [...]
+        series_hi, series_lo = torch.ones_like(inv_hi), torch.ones_like(inv_lo)  # [...], [...]
+        for n in range(8 if dz.dtype == torch.float64 else 5, 0, -1):
+            series_hi = 1.0 - (2 * n - 1) * inv_hi * series_hi  # [...]
+            series_lo = 1.0 - (2 * n - 1) * inv_lo * series_lo  # [...]
+        # dL = log Phi(hi) - log Phi(lo) without subtracting two large logs: (lo^2 - hi^2) / 2 = 2 delta |m|
+        # from delta itself (lo and hi may round to one number at |z| ~ 1e12 while delta is exact); >= 0.09
+        # wherever this branch is used, so the clamp only keeps unused elements finite
+        d_log = 2.0 * delta * (-0.5 * (lo_f + hi_f)) + (lo_f / hi_f).log() + (series_hi / series_lo).log()
+        d_log = d_log.clamp(min=1e-3)  # [...]
+        log_phi_hi = -0.5 * hi_f.square() - (-hi_f).log() - _HALF_LOG_2PI + series_hi.log()  # [...]
+        log_far = log_phi_hi + torch.log(-torch.expm1(-d_log))  # [...]
+        log_tail = _select(_mask(~far, dz), log_near, log_far)  # [...]
+    else:
+        log_tail = log_near  # [...]
     return _select(series, log_series, log_tail)  # [...]
+
+
+def _functorch_active() -> bool:
+    return torch._C._are_functorch_transforms_active()
 
 
 def _cdf_gaps(z: Tensor, loc: Tensor, scale: Tensor, log_w: Tensor) -> tuple[Tensor, Tensor]:
@@ -432,25 +442,28 @@ def implicit_grad_structured(
     x = x.expand(*lead, d).reshape(-1, d)  # [N, D]
     g = grad_x.expand(*lead, d).reshape(-1, d)  # [N, D]
 
+    if k == 1:
+        # one component: w = 1, F = Phi, so c~ = 0, J is diagonal, u = g, r = 1 and no running sums:
+        # the ordinary reparameterization gradient
+        z = (x.unsqueeze(-2) - loc) / scale  # [N, 1, D]
+        grad_loc = g.unsqueeze(-2)  # [N, 1, D]
+        grad_scale = (grad_loc * z).reshape(*lead, k, d) if need_components else None  # [*L, 1, D]
+        grad_loc = grad_loc.reshape(*lead, k, d) if need_components else None  # [*L, 1, D]
+        return g.new_zeros(*lead, k), grad_loc, grad_scale, z.reshape(*lead, k, d)
+
     z, log_n, log_w = _log_weights(logits, loc, scale, x)  # [N, K, D] x3
     log_q = log_w + log_n  # [N, K, D], log of component k's share of the conditional density f_d
     log_f = log_q.logsumexp(-2, keepdim=True)  # [N, 1, D]
-    resp = _exp(log_q - log_f)  # [N, K, D], r_kd in [0, 1] (exact even where f_d underflows)
-
-    if k == 1:
-        # one component: w = 1, F = Phi, so c~ = 0, J is diagonal, u = g and no running sums.
-        ctil = torch.zeros_like(z)  # [N, 1, D]
-        u = g  # [N, D]
-    else:
-        ctil = _ctil(z, loc, scale, log_w, log_f)  # [N, K, D]
-        s = -z / scale  # [N, K, D], d log N(x_h; mu_kh, sigma_kh) / d x_h
-        u = _solve_transposed(ctil, s, g, block_size)  # [N, D]
+    ctil = _ctil(z, loc, scale, log_w, log_f)  # [N, K, D]
+    s = -z / scale  # [N, K, D], d log N(x_h; mu_kh, sigma_kh) / d x_h
+    u = _solve_transposed(ctil, s, g, block_size)  # [N, D]
 
     uc = u.unsqueeze(-2) * ctil  # [N, K, D], u_d c~_kd = -dL/d(a_k + sum_{h<d} log N_kh)
     grad_logits = -uc.sum(-1)  # [N, K]
     grad_loc = grad_scale = None
     if need_components:
         running = _reverse_exclusive_cumsum(uc)  # [N, K, D], R_kd: the terms through w_.d' for d' > d
+        resp = _exp(log_q - log_f)  # [N, K, D], r_kd in [0, 1] (exact even where f_d underflows)
         # u_d = g_d + sum_j A_jd with A_jd = R_jd z_jd / sigma_jd (the solve's own equation), so
         # dL/dmu_kd = u_d r_kd - A_kd = g_d r_kd + (r_kd sum_j A_jd - A_kd). For the component with the
         # largest responsibility the bracket is r_k sum_{j != k} A_j - (sum_{j != k} r_j) A_k: written as
@@ -526,10 +539,6 @@ def _compiled_grad():
     if _COMPILED_GRAD is None:
         _COMPILED_GRAD = torch.compile(implicit_grad_structured)
     return _COMPILED_GRAD
-
-
-def _functorch_active() -> bool:
-    return torch._C._are_functorch_transforms_active()
 
 
 class _MixtureRsample(torch.autograd.Function):
