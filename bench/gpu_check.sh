@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One call on a CUDA machine: the CUDA tests, the packed-runs benchmark, the mixture benchmark on CUDA, and a
+# short real training on the GPU; logs and tables go to $OUT (or the folder given as the first argument).
+# Sized to finish within ~9 minutes on one H200; on a machine without CUDA it says so and skips those parts.
+#   bash bench/gpu_check.sh [OUT_DIR]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-${OUT:-outputs/gpu_check}}"
+mkdir -p "$OUT"
+PY="${PY:-.venv/bin/python}"
+[ -x "$PY" ] || PY=python
+DATA="${DATA_ROOT:-../shared/data}"
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/gpu_check.log"; }
+have_cuda=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+$PY -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))" \
+  > "$OUT/device.txt" 2>&1
+log "device: $(cat "$OUT/device.txt")"
+if [ "$have_cuda" != "1" ]; then
+  log "no CUDA on this machine: running the CPU-side smoke of this script only"
+  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$OUT/cuda_tests.txt" 2>&1
+  log "cuda tests (expected: skipped): $(tail -1 "$OUT/cuda_tests.txt")"
+  timeout 120 $PY bench/bench_packed.py --members 1,4 --reps 1 > "$OUT/bench_packed_cpu.md" 2>&1
+  log "packed bench (CPU, M = 1, 4): $(grep -c '^| ' "$OUT/bench_packed_cpu.md") table lines"
+  exit 0
+fi
+log "1/4 CUDA tests (every model x estimator, a few steps on cuda)"
+timeout 200 $PY -m pytest -q -p no:cacheprovider -m gpu tests/ > "$OUT/cuda_tests.txt" 2>&1
+log "   $(tail -1 "$OUT/cuda_tests.txt")"
+log "2/4 packed-runs benchmark on CUDA"
+timeout 150 $PY bench/bench_packed.py --device cuda --members 1,4,16,64,256 --max-separate 16 --reps 5 \
+  > "$OUT/bench_packed_cuda.md" 2>&1
+log "   done ($(grep -c '^| ' "$OUT/bench_packed_cuda.md") table lines)"
+log "3/4 mixture rsample + backward on CUDA"
+timeout 90 $PY bench/bench_mixture.py --quick --device cuda > "$OUT/bench_mixture_cuda.md" 2>&1 \
+  || log "   bench_mixture.py has no --device cuda run (see its output)"
+log "4/4 a short real training on the GPU: SBN 200-784, MuProp-C, 90 s budget"
+timeout 120 $PY run.py experiment=muprop_table3_sbn_1layer train.steps=20000 optim.lr=1e-3 device=cuda \
+  data.root="$DATA" eval.samples=100 logger.mode=disabled quiet=true hydra.run.dir="$OUT/train_cuda" \
+  > "$OUT/train_cuda.txt" 2>&1
+log "   exit $? ; $(tail -2 "$OUT/train_cuda.txt" | head -1)"
+log "finished"

@@ -1,0 +1,36 @@
+"""Every model with every estimator that serves it, a few steps on CUDA (skipped without a GPU; run by
+bench/gpu_check.sh on a CUDA machine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from runners.checks import CONF_DIR, available, target_class
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+def pairs() -> list[tuple[str, str]]:
+    out = []
+    for model in available("model"):
+        kind = target_class(OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml"), model).latent_kind
+        for est in available("estimator"):
+            cls = target_class(OmegaConf.load(CONF_DIR / "estimator" / f"{est}.yaml"), est)
+            if kind in cls.supports:
+                out.append((model, est))
+    return out
+
+
+@pytest.mark.parametrize("model,estimator", pairs())
+def test_trains_on_cuda(tiny_cfg, tmp_path, model, estimator):
+    from runners.train import train
+
+    extra = ["data=synthetic"] if model == "mixture_svi" else []
+    cfg = tiny_cfg(f"model={model}", f"estimator={estimator}", "device=cuda", *extra)
+    summary = train(cfg, tmp_path)
+    assert all(isinstance(v, float) for k, v in summary.items() if k.startswith("test/"))
