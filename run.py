@@ -98,6 +98,11 @@ def write_error(run_dir: Path, e: BaseException, headline: BaseException) -> Non
     (run_dir / ERROR_FILE).write_text(text, encoding="utf-8")
 
 
+def flat(e: BaseException) -> str:
+    """The message on one line (a DataError explains itself over several: what is missing, where, the fix)."""
+    return " ".join(str(e).split())
+
+
 def untouched(run_dir: Path) -> bool:
     """Nothing in the run directory but what Hydra and the lock put there: this command wrote no run."""
     return not any(p for p in run_dir.iterdir() if p.name not in (".hydra", "run.log", ".lock"))
@@ -164,7 +169,7 @@ def main(cfg: DictConfig) -> dict | None:
             sys.exit(e.exit_code)  # SystemExit passes through Hydra's launchers: the sweep stops too
         known = clean_cause(e, clean)
         if isinstance(known, RunLocked):  # the directory is another process's: write nothing into it
-            print(f"error: {known}", file=sys.stderr)
+            print(f"error: {flat(known)}", file=sys.stderr)
             if multirun:
                 raise JobFailed(str(hc.sweep.dir), str(run_dir), one_line(known)) from None
             sys.exit(2)
@@ -172,14 +177,14 @@ def main(cfg: DictConfig) -> dict | None:
             # refused before anything ran: leave no folder behind (Hydra made it for this command only)
             lock.release()
             shutil.rmtree(run_dir, ignore_errors=True)
-            print(f"error: {known}", file=sys.stderr)
+            print(f"error: {flat(known)}", file=sys.stderr)
             sys.exit(2)
         write_error(run_dir, e, known or e)
         if multirun:
             print(f"FAILED {run_dir}: {one_line(known or e)}", file=sys.stderr)
             raise JobFailed(str(hc.sweep.dir), str(run_dir), one_line(known or e)) from e
         if known is not None:
-            print(f"error: {known}", file=sys.stderr)
+            print(f"error: {flat(known)}", file=sys.stderr)
             sys.exit(1 if isinstance(known, failed_run) else 2)
         raise
     finally:
