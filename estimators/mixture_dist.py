@@ -41,6 +41,16 @@ in blocks of ``block_size`` coordinates: inside a block a [P, P] unit upper-tria
 matmul and a triangular solve, O(P K) per coordinate), across blocks the K-vector R is carried. That is a
 Python loop over D / P blocks, not over D (the chunked-scan trick of linear-attention kernels). The D x D
 Jacobian is never formed (``implicit_grad_dense_reference`` does that, for tests and benchmarks only).
+Forward mode (``jvp``) solves J xdot = -dT/dtheta t by the transposed recurrence (``_solve_forward``).
+
+Autograd: ``_MixtureRsample`` is a new-style ``autograd.Function`` (``setup_context``): its backward is
+made of differentiable ops on the *output* x, so double backward works (gradgradcheck in the tests), and
+``torch.func.grad``, ``vmap`` (``generate_vmap_rule``) and ``jvp`` apply. ``compile_backward=True`` runs
+the first-order backward through ``torch.compile``.
+
+Distribution API beyond rsample/log_prob: ``cdf`` (closed form, the joint CDF), ``icdf`` (D = 1, by
+bisection and Newton, differentiable), ``mode`` (numerical: mean-shift from every mean), ``entropy``
+(NotImplementedError: no closed form).
 
 Numerics: weights and densities in log space. Phi_kd - F_d = sum_j w_j (Phi_kd - Phi_jd) is formed
 against one reference component r (the largest weight) as G_k - sum_j w_j G_j, G_j = Phi_j - Phi_r, each
