@@ -17,7 +17,9 @@ dz_j / dz_{j-1} := d mu_j(z_{j-1}) / dz_{j-1}, evaluated at the sampled parents.
     f'_L = df/dz_L,     f'_i = df/dz_i|_direct + (d mu_{i+1}(z_i) / dz_i)^T f'_{i+1}.
 
 (The partial derivative with z_{i+1..L} held fixed, used before, is identically zero for h1 of the
-structured-prediction model x -> h1 -> h2 -> y, whose cost reads only h2: h1 never trained.)
+structured-prediction model x -> h1 -> h2 -> y, whose cost reads only h2: h1 never trained. Measured with
+``bench/forms_training.py``, 392-200-200-392, 3000 Adam steps, seeds 0-2: test NLL (m = 100, first 1000 test
+examples) 101.5 +- 0.7 nats with this form against 136.0 +- 1.8 with the partial one.)
 
 Implementation, one pass: the sampler draws an exact sample b_i (``draw_detached``) and returns b_i + e_i,
 e_i a zero leaf, so f is a function of the e_i with no path to theta through the sample values. Then
