@@ -25,9 +25,9 @@ Algorithm 1, as implemented here:
    with the constant control variate f(z_bar), and measured on 392-200-200-392 and SBN 200-200-784 it was
    never better (``bench/muprop_forms.py``: recognition-layer variance partial / total = 1.00-1.02 at
    initialisation and on SBN 200-200-784 after 1000 MuProp-C steps, 1.73-1.89 for h1 of 392-200-200-392
-   after 1000 steps; 392-200-200-392 trained 3000 Adam steps with MuProp-C, seeds 0-2, ``bench/forms_training.py``:
-   test NLL 85.68 +- 0.40 total, 86.09 +- 0.44 partial, total better on every seed). One pass with S = 1 serves all S samples: the mean-field point does not depend on
-   the sample.
+   after 1000 steps; 392-200-200-392 trained 3000 Adam steps with MuProp-C, seeds 0-2,
+   ``bench/forms_training.py``: test NLL 85.68 +- 0.40 total, 86.09 +- 0.44 partial, total better on every
+   seed). One pass with S = 1 serves all S samples: the mean-field point does not depend on the sample.
 2. stochastic pass: exact samples, no gradient through their values; ``mu_i = dist.mean`` and
    ``log p(z_i | pa_i)`` are taken from the distribution the sampler sees, i.e. at the *sampled* parents.
 3. surrogate ``c = f(z) + sum_i [ log p(z_i|pa_i) * SG(r_i) + mu_i^T SG(f'(z_bar_i)) ]`` with the per-layer
