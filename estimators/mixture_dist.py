@@ -834,7 +834,12 @@ class DiagNormalMixture(Distribution):
         shape = self._extended_shape(sample_shape)  # [*S, *B, D]
         k, d = self.loc.shape[-2:]
         with torch.no_grad():
-            component = Categorical(logits=self.logits).sample(sample_shape)  # [*S, *B]
+            # Gumbel-max (argmax of logits + Gumbel noise is an exact categorical draw): Categorical's
+            # logit normalisation costs ~0.2 ms even for tiny batches (torch's logsumexp kernel)
+            u = torch.rand(
+                *sample_shape, *self.logits.shape, dtype=self.logits.dtype, device=self.logits.device
+            )
+            component = (self.logits - (-u.log()).log()).argmax(-1)  # [*S, *B]
             index = component[..., None, None].expand(*component.shape, 1, d)  # [*S, *B, 1, D]
             loc = self.loc.expand(*sample_shape, *self.loc.shape)  # [*S, *B, K, D]
             scale = self.scale.expand(*sample_shape, *self.scale.shape)  # [*S, *B, K, D]
