@@ -50,7 +50,7 @@ def test_estimator_yaml_composes_and_instantiates(name, tiny_cfg):
 def test_model_yaml_composes_and_instantiates(name, tiny_cfg):
     cfg = tiny_cfg(f"model={name}")
     model = instantiate(cfg.model, x_dim=784, train_mean=torch.full((784,), 0.13))
-    assert model.latent_kind in {"bernoulli", "normal", "mixture"}
+    assert model.latent_kind in {"bernoulli", "categorical", "normal", "mixture"}
     assert cfg.model.name == name
 
 
