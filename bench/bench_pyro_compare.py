@@ -4,19 +4,24 @@ Pyro is NOT a project dependency: run this from a separate throwaway environment
 with the project on the path, e.g.
 
     python3 -m venv /tmp/pyrovenv && /tmp/pyrovenv/bin/pip install torch pyro-ppl
-    /tmp/pyrovenv/bin/python bench/bench_pyro_compare.py
+    /tmp/pyrovenv/bin/python bench/bench_pyro_compare.py            # issue-10 grid, 1 thread
 
-Both draw B samples of one mixture (K components, D dims; Pyro's class has no batch shape) and backpropagate a
-random linear cost to logits, loc and scale. Pyro's gradient is Jankowiak & Karaletsos (2018)'s pathwise
-velocity field, ours is Graves' implicit one: different unbiased estimators, same cost to compute.
+Both draw B = 256 samples of one mixture (K components, D dims; Pyro's class has no batch shape) and
+backpropagate sum(x^2) to logits, loc and scale, float32; ``normal`` is a plain ``Normal(loc, scale)``
+rsample + backward of the same [B, D] (the floor). Pyro's gradient is Jankowiak & Karaletsos (2018)'s
+pathwise velocity field, ours Graves' implicit one: different unbiased estimators of the same gradient.
+Pyro's class needs K >= 2 (K = 1 is reported for ours and the floor only). Median ms of
+``torch.utils.benchmark`` blocked_autorange, all columns from one run.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 import torch
+from torch.distributions import Normal
 from torch.utils import benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,33 +29,60 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from estimators.mixture_dist import DiagNormalMixture  # noqa: E402
 
 
+def median_ms(fn, min_run_time: float) -> float:
+    fn()  # warm-up
+    return 1e3 * benchmark.Timer("f()", globals={"f": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
 def main() -> None:
     from pyro.distributions import MixtureOfDiagNormals
 
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--min-run-time", type=float, default=0.2)
+    parser.add_argument("--only", default="", help="K x D configurations, e.g. 10x16,2x128 (default: grid)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    grid = [(k, d) for d in (1, 2, 16, 128, 512) for k in (1, 2, 10, 100)]
+    if args.only:
+        grid = [tuple(int(v) for v in item.split("x")) for item in args.only.split(",")]
     torch.manual_seed(0)
     b = 256
-    print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, B = {b}, float32, CPU")
-    print(f"{'D':>5}{'K':>5}{'ours ms':>10}{'pyro ms':>10}{'pyro/ours':>11}")
-    for d in (2, 8, 32, 128):
-        for k in (2, 10, 100):
-            logits = torch.randn(k, requires_grad=True)
-            loc = torch.randn(k, d, requires_grad=True)
-            scale = (0.5 + torch.rand(k, d)).requires_grad_(True)
-            w = torch.randn(b, d)
+    print(
+        f"# torch {torch.__version__}, threads {torch.get_num_threads()}, B = {b}, float32, CPU, load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; median ms of rsample + backward of sum(x^2)"
+    )
+    print(f"{'K':>4}{'D':>5}{'ours':>10}{'pyro':>10}{'normal':>9}{'ours/pyro':>11}{'ours/normal':>13}")
+    for k, d in grid:
+        logits = torch.randn(k, requires_grad=True)  # [K]
+        loc = torch.randn(k, d, requires_grad=True)  # [K, D]
+        scale = (0.5 + torch.rand(k, d)).requires_grad_(True)  # [K, D]
+        loc1 = loc[0].detach().clone().requires_grad_()  # [D]
+        scale1 = scale[0].detach().clone().requires_grad_()  # [D]
 
-            def ours(logits=logits, loc=loc, scale=scale, w=w):  # bound now: timed in this iteration
-                x = DiagNormalMixture(logits, loc, scale).rsample((b,))  # [B, D]
-                torch.autograd.grad((x * w).sum(), [logits, loc, scale])
+        def ours(logits=logits, loc=loc, scale=scale):  # bound now: timed in this iteration
+            x = DiagNormalMixture(logits, loc, scale).rsample((b,))  # [B, D]
+            torch.autograd.grad(x.square().sum(), [logits, loc, scale])
 
-            def pyro(logits=logits, loc=loc, scale=scale, w=w):
-                x = MixtureOfDiagNormals(loc, scale, logits).rsample((b,))  # [B, D]
-                torch.autograd.grad((x * w).sum(), [logits, loc, scale])
+        def pyro(logits=logits, loc=loc, scale=scale):
+            x = MixtureOfDiagNormals(loc, scale, logits).rsample((b,))  # [B, D]
+            torch.autograd.grad(x.square().sum(), [logits, loc, scale])
 
-            t = [
-                benchmark.Timer("f()", globals={"f": f}).blocked_autorange(min_run_time=0.3).median
-                for f in (ours, pyro)
-            ]
-            print(f"{d:>5}{k:>5}{1e3 * t[0]:>10.3f}{1e3 * t[1]:>10.3f}{t[1] / t[0]:>11.2f}")
+        def normal(loc1=loc1, scale1=scale1):
+            x = Normal(loc1, scale1).rsample((b,))  # [B, D]
+            torch.autograd.grad(x.square().sum(), [loc1, scale1])
+
+        t_ours = median_ms(ours, args.min_run_time)
+        t_pyro = median_ms(pyro, args.min_run_time) if k >= 2 else float("nan")
+        t_normal = median_ms(normal, args.min_run_time)
+        pyro_txt = f"{t_pyro:>10.3f}" if t_pyro == t_pyro else f"{'-':>10}"
+        ratio_txt = f"{t_ours / t_pyro:>11.2f}" if t_pyro == t_pyro else f"{'-':>11}"
+        print(
+            f"{k:>4}{d:>5}{t_ours:>10.3f}{pyro_txt}{t_normal:>9.3f}{ratio_txt}{t_ours / t_normal:>13.1f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
