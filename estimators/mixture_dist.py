@@ -395,7 +395,7 @@ def _log_normal_interval(z_a: Tensor, z_b: Tensor, dz: Tensor) -> Tensor:
     float64 -36), log Phi(hi) + log(1 - e^{-dL}) with dL = log Phi(hi) - log Phi(lo) from the asymptotic
     series written as a difference; on the upper side (positive midpoint) the same with reflected end
     points. The end points are the z themselves (rebuilding them from m and delta would lose a small end
-    point next to a huge one). dz = 0 gives log(2 tiny) - m^2 / 2 (finite, far below any true gap).
+    point next to a huge one). dz = 0 gives a finite value far below any true gap.
 
     Eager and unbatched, each branch runs on its own elements only (gathered by index; most elements
     are in one branch). Under ``torch.compile`` or ``torch.func`` transforms (no data-dependent shapes
@@ -415,8 +415,10 @@ def _log_normal_interval(z_a: Tensor, z_b: Tensor, dz: Tensor) -> Tensor:
         return _select(series_f, _interval_series(m, delta), log_tail)  # [...]
     shape = dz.shape
     z_a, z_b, delta, m, series = (t.reshape(-1) for t in (z_a, z_b, delta, m, series))  # [P] x5
-    out = dz.new_empty(dz.numel())  # [P]
-    (idx,) = series.nonzero(as_tuple=True)  # [P_s]
+    # dz = 0 (the reference component itself, 1 / K of all elements): a constant stand-in far below any
+    # true gap instead of the series (its sign(dz) = 0 zeroes it anyway)
+    out = dz.new_full((dz.numel(),), 2.0 * math.log(torch.finfo(dz.dtype).tiny))  # [P]
+    (idx,) = (series & (delta > 0)).nonzero(as_tuple=True)  # [P_s]
     out = out.index_put((idx,), _interval_series(m[idx], delta[idx]))  # [P]
     (idx,) = (~series).nonzero(as_tuple=True)  # [P_t]
     lo, hi = _interval_lower_side(z_a[idx], z_b[idx])  # [P_t], [P_t]
