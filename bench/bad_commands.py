@@ -134,12 +134,8 @@ def run(args: list[str], tmp: Path, i: int) -> tuple[list[str], int, str, str]:
     )
     leftover = "-m" not in args and run_dir.exists()
     verdict = "one line" if one and not leftover else ("folder left" if one else "NOT CLEAN")
-    return (
-        args,
-        proc.returncode,
-        verdict,
-        (lines[0] if lines else proc.stdout.strip().splitlines()[-1:] or [""])[0],
-    )
+    first = lines[0] if lines else (proc.stdout.strip().splitlines() or [""])[-1]
+    return args, proc.returncode, verdict, first
 
 
 def main() -> None:
