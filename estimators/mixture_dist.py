@@ -182,30 +182,6 @@ def _logsumexp(t: Tensor, dim: int) -> Tensor:
     return top + _exp(t - top).sum(dim, keepdim=True).log()  # [..., 1, ...]
 
 
-def _log_ndtr_far(t: Tensor) -> Tensor:
-    """log Phi(t) for t <= -12 (float32) / -36 (float64) by the asymptotic series
-    -t^2 / 2 - log(-t) - log(2 pi) / 2 + log(sum_n (-1)^n (2n - 1)!! / t^(2n)) (5 / 8 terms: truncation
-    945 / t^10 < 2e-8 at -12, 2027025 / t^16 < 1e-18 at -36)."""
-    terms = 8 if t.dtype == torch.float64 else 5
-    inv = t.square().reciprocal()  # [...], 1 / t^2
-    series = torch.ones_like(inv)  # [...], Horner from the last term
-    for n in range(terms - 1, 0, -1):
-        series = 1.0 - (2 * n - 1) * inv * series  # [...]
-    return -0.5 * t.square() - (-t).log() - _HALF_LOG_2PI + series.log()  # [...]
-
-
-def _log_ndtr(z: Tensor) -> Tensor:
-    """log Phi(z), the same function as ``torch.special.log_ndtr`` at a fraction of its CPU cost.
-
-    log(erfc(-z / sqrt 2) / 2) where Phi(z) is far from underflow (erfc of a positive argument is accurate
-    relative to its value; torch's ndtr is not, below about z = -5), the asymptotic series below.
-    """
-    cut = -36.0 if z.dtype == torch.float64 else -12.0
-    near = (0.5 * torch.special.erfc(z.clamp(min=cut) * -_SQRT_HALF)).log()  # [...]
-    far = _log_ndtr_far(z.clamp(max=cut))  # [...]
-    return _select(_mask(z > cut, z), near, far)  # [...]
-
-
 def _log_weights(logits: Tensor, loc: Tensor, scale: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Standardized residuals z, log N(x_d; mu_kd, sigma_kd) and log conditional weights log w_kd."""
     z = (x.unsqueeze(-2) - loc) / scale  # [..., K, D]
