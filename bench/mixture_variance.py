@@ -16,6 +16,10 @@ is one sample's). Per parameter element i it reports, over the N samples,
 The logits gradient goes through T in both modes (the same numbers), so it is reported once.
 
     python bench/mixture_variance.py                 # D in {1, 2, 8, 32}, K in {2, 10}, N = 20000
+    python bench/mixture_variance.py --growth        # total variance vs N (K = 2, D in {8, 32})
+
+A sample variance that keeps growing with N (``--growth``) while the kurtosis sits near N (one sample
+carries all of it) is the signature of an infinite variance.
 """
 
 from __future__ import annotations
@@ -64,8 +68,24 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--growth", action="store_true", help="total variance against N instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.growth:
+        print(f"# total variance of the per-sample gradient against N, K = 2, seed {args.seed}")
+        print(
+            f"{'D':>3} {'N':>6} {'logits (both)':>14} {'loc implicit':>13} {'loc graves':>11} {'scale impl':>11} {'scale graves':>13}"
+        )
+        for d in (8, 32):
+            for n in (5000, 20000, 80000):
+                imp = per_sample_gradients(2, d, n, "implicit", args.seed)
+                gra = per_sample_gradients(2, d, n, "graves", args.seed)
+                v = [tail_stats(t)[0] for t in (imp[0], imp[1], gra[1], imp[2], gra[2])]
+                print(
+                    f"{d:>3} {n:>6} {v[0]:14.3e} {v[1]:13.3e} {v[2]:11.3e} {v[3]:11.3e} {v[4]:13.3e}",
+                    flush=True,
+                )
+        return
     print(f"# N = {args.samples} one-sample gradients, float64, seed {args.seed}, cost sum((x - a)^2) / D")
     header = (
         f"{'K':>3} {'D':>3} {'param':>6} {'mode':>8} {'var':>10} {'kurt med':>9} {'kurt max':>10} "
