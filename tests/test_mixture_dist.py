@@ -420,6 +420,28 @@ def test_func_jvp_adjoint_and_finite_differences(component_grad):
         torch.testing.assert_close(xdot, (up - down) / (2 * h), rtol=1e-6, atol=1e-7)
 
 
+def test_func_jacfwd_jacrev_and_hessian():
+    # forward mode (jvp + vmap) and reverse mode give one Jacobian; forward-over-reverse (func.hessian)
+    # matches reverse-over-reverse (double backward)
+    logits, loc, scale = random_mixture((2,), 3, 4, seed=5)
+    x = mixture_quantile(logits, loc, scale, U_FIXED)  # [2, D]
+
+    def f(a, m, s):
+        return reparameterize(a, m, s, x)
+
+    for a, b in zip(
+        torch.func.jacfwd(f, argnums=(0, 1, 2))(logits, loc, scale),
+        torch.func.jacrev(f, argnums=(0, 1, 2))(logits, loc, scale),
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    def cost(a):
+        return reparameterize(a, loc, scale, x).square().sum()
+
+    want = torch.autograd.functional.hessian(cost, logits)  # reverse over reverse
+    torch.testing.assert_close(torch.func.hessian(cost)(logits), want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.slow
 def test_compiled_backward_matches_eager():
     # torch.compile of the backward (opt-in): the same gradients; the compile takes ~20-30 s on 2 busy cores
