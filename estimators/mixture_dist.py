@@ -334,12 +334,14 @@ def _interval_lower_side(z_a: Tensor, z_b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _interval_near(lo: Tensor, hi: Tensor) -> Tensor:
-    """log(Phi(hi) - Phi(lo)) from erfc, for lo < hi, hi > cut, well separated (the tail branch)."""
+    """log(Phi(hi) - Phi(lo)) from erfc, for lo < hi, hi > cut, well separated (the tail branch).
+
+    The difference is clamped at finfo.tiny, which the branch's own elements never reach (there
+    Phi(hi) - Phi(lo) > 0.28 Phi(cut) > 1e-34), so the value is finite for every input."""
     _, cut = _interval_constants(lo.dtype)
     hi_n = hi.clamp(min=cut)  # [...]
-    return torch.log(
-        0.5 * (torch.special.erfc(hi_n * -_SQRT_HALF) - torch.special.erfc(lo.clamp(max=hi_n) * -_SQRT_HALF))
-    )  # [...]
+    diff = torch.special.erfc(hi_n * -_SQRT_HALF) - torch.special.erfc(lo.clamp(max=hi_n) * -_SQRT_HALF)
+    return (0.5 * diff).clamp(min=torch.finfo(lo.dtype).tiny).log()  # [...]
 
 
 def _interval_far(lo: Tensor, hi: Tensor, delta: Tensor) -> Tensor:
@@ -391,20 +393,20 @@ def _log_normal_interval(z_a: Tensor, z_b: Tensor, dz: Tensor) -> Tensor:
         return _select(series_f, _interval_series(m, delta), log_tail)  # [...]
     shape = dz.shape
     z_a, z_b, delta, m, series = (t.reshape(-1) for t in (z_a, z_b, delta, m, series))  # [P] x5
-    # dz = 0 (the reference component itself, 1 / K of all elements): a constant stand-in far below any
-    # true gap instead of the series (its sign(dz) = 0 zeroes it anyway)
-    out = dz.new_full((dz.numel(),), 2.0 * math.log(torch.finfo(dz.dtype).tiny))  # [P]
+    # the erfc branch on every element (most elements are in it; finite on all), then the others
+    # written over it on their own elements
+    lo, hi = _interval_lower_side(z_a, z_b)  # [P], [P]
+    out = _interval_near(lo, hi)  # [P]
     (idx,) = (series & (delta > 0)).nonzero(as_tuple=True)  # [P_s]
     out = out.index_put((idx,), _interval_series(m[idx], delta[idx]))  # [P]
-    (idx,) = (~series).nonzero(as_tuple=True)  # [P_t]
-    lo, hi = _interval_lower_side(z_a[idx], z_b[idx])  # [P_t], [P_t]
-    far = hi <= cut  # [P_t]
-    (near_at,) = (~far).nonzero(as_tuple=True)  # [P_n]
-    out = out.index_put((idx[near_at],), _interval_near(lo[near_at], hi[near_at]))  # [P]
-    (far_at,) = far.nonzero(as_tuple=True)  # [P_f]
-    if far_at.numel() > 0:
-        far_vals = _interval_far(lo[far_at], hi[far_at], delta[idx[far_at]])  # [P_f]
-        out = out.index_put((idx[far_at],), far_vals)  # [P]
+    # dz = 0 (the reference component itself, 1 / K of all elements): a stand-in below any true gap
+    # instead of the series (the series' own value there, log(2 tiny) - m^2 / 2; sign(0) zeroes it)
+    (idx,) = (delta == 0).nonzero(as_tuple=True)  # [P_0]
+    stand_in = math.log(2.0 * torch.finfo(dz.dtype).tiny) - 0.5 * m[idx].clamp(min=-1e15, max=1e15).square()
+    out = out.index_put((idx,), stand_in)  # [P]
+    (idx,) = (~series & (hi <= cut)).nonzero(as_tuple=True)  # [P_f]
+    if idx.numel() > 0:
+        out = out.index_put((idx,), _interval_far(lo[idx], hi[idx], delta[idx]))  # [P]
     return out.reshape(shape)  # [...]
 
 

@@ -237,3 +237,19 @@ def test_normal_interval_against_mpmath(dtype):
             # log-space error; the z^2 / 2 term carries eps |z|^2 of input rounding in any method
             tol = 64 * eps * (1.0 + abs(a) ** 2 + abs(float(want)))
             assert abs(got[i].item() - float(want)) <= tol, (a, dz[i].item(), got[i].item(), float(want))
+
+
+@pytest.mark.parametrize("x0", [-25.0, -14.0, 30.0])
+def test_float32_far_tail_of_every_component(x0):
+    # x 14 to 33 scales from both components: every Phi and every gap underflows float32 (gaps ~ e^-400);
+    # the e^{-M} scaling keeps the digits (a reference stand-in above the true gaps would zero them)
+    logits = torch.tensor([0.0, 0.0])  # [K]
+    loc = torch.tensor([[0.0, 0.0], [3.0, -1.0]])  # [K, D]
+    scale = torch.ones(2, 2)  # [K, D]
+    x = torch.tensor([[x0, 0.5], [x0, x0]])  # [N, D]
+    g = torch.tensor([[1.0, -0.5], [0.3, 1.0]])  # [N, D]
+    got = grads((logits, loc, scale), x, g)
+    want = grads((logits.double(), loc.double(), scale.double()), x.double(), g.double())
+    for a, w in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), w, rtol=1e-4, atol=1e-6 * w.abs().max().item())
