@@ -333,15 +333,17 @@ def _interval_lower_side(z_a: Tensor, z_b: Tensor) -> tuple[Tensor, Tensor]:
     return _select(upper, -hi, lo), _select(upper, -lo, hi)  # [...], [...]
 
 
-def _interval_near(lo: Tensor, hi: Tensor) -> Tensor:
-    """log(Phi(hi) - Phi(lo)) from erfc, for lo < hi, hi > cut, well separated (the tail branch).
+def _interval_near(z_a: Tensor, z_b: Tensor, m: Tensor) -> Tensor:
+    """log|Phi(z_b) - Phi(z_a)| from erfc on the lower side (m: the midpoint; upper side reflected):
+    1/2 |erfc(c z_a / sqrt 2) - erfc(c z_b / sqrt 2)|, c = -1 where m <= 0, +1 where m > 0, so every
+    erfc with a sizeable value has a positive argument (accurate relative to its value). For the tail
+    branch: ends well separated, the one nearer the mean above the far-tail cut.
 
     The difference is clamped at finfo.tiny, which the branch's own elements never reach (there
     Phi(hi) - Phi(lo) > 0.28 Phi(cut) > 1e-34), so the value is finite for every input."""
-    _, cut = _interval_constants(lo.dtype)
-    hi_n = hi.clamp(min=cut)  # [...]
-    diff = torch.special.erfc(hi_n * -_SQRT_HALF) - torch.special.erfc(lo.clamp(max=hi_n) * -_SQRT_HALF)
-    return (0.5 * diff).clamp(min=torch.finfo(lo.dtype).tiny).log()  # [...]
+    c = (2.0 * _SQRT_HALF) * _mask(m > 0, m) - _SQRT_HALF  # [...], +-1 / sqrt 2
+    diff = torch.special.erfc(c * z_a) - torch.special.erfc(c * z_b)  # [...]
+    return (0.5 * diff.abs()).clamp(min=torch.finfo(z_a.dtype).tiny).log()  # [...]
 
 
 def _interval_far(lo: Tensor, hi: Tensor, delta: Tensor) -> Tensor:
@@ -388,15 +390,13 @@ def _log_normal_interval(z_a: Tensor, z_b: Tensor, dz: Tensor) -> Tensor:
     if torch.compiler.is_compiling() or _functorch_active():
         series_f = _mask(series, dz)  # [...]
         lo, hi = _interval_lower_side(z_a, z_b)  # [...], [...]
-        lo, hi = _select(series_f, -1.0, lo), _select(series_f, 1.0, hi)  # [...], safe where unused
-        log_tail = _select(_mask(hi > cut, dz), _interval_near(lo, hi), _interval_far(lo, hi, delta))
+        log_tail = _select(_mask(hi > cut, dz), _interval_near(z_a, z_b, m), _interval_far(lo, hi, delta))
         return _select(series_f, _interval_series(m, delta), log_tail)  # [...]
     shape = dz.shape
     z_a, z_b, delta, m, series = (t.reshape(-1) for t in (z_a, z_b, delta, m, series))  # [P] x5
     # the erfc branch on every element (most elements are in it; finite on all), then the others
     # written over it on their own elements
-    lo, hi = _interval_lower_side(z_a, z_b)  # [P], [P]
-    out = _interval_near(lo, hi)  # [P]
+    out = _interval_near(z_a, z_b, m)  # [P]
     (idx,) = (series & (delta > 0)).nonzero(as_tuple=True)  # [P_s]
     out = out.index_put((idx,), _interval_series(m[idx], delta[idx]))  # [P]
     # dz = 0 (the reference component itself, 1 / K of all elements): a stand-in below any true gap
@@ -404,9 +404,12 @@ def _log_normal_interval(z_a: Tensor, z_b: Tensor, dz: Tensor) -> Tensor:
     (idx,) = (delta == 0).nonzero(as_tuple=True)  # [P_0]
     stand_in = math.log(2.0 * torch.finfo(dz.dtype).tiny) - 0.5 * m[idx].clamp(min=-1e15, max=1e15).square()
     out = out.index_put((idx,), stand_in)  # [P]
-    (idx,) = (~series & (hi <= cut)).nonzero(as_tuple=True)  # [P_f]
+    # far tails: both ends on one side of 0, the nearer one beyond the cut
+    far = (torch.minimum(z_a.abs(), z_b.abs()) >= -cut) & ((z_a > 0) == (z_b > 0))  # [P]
+    (idx,) = (far & ~series).nonzero(as_tuple=True)  # [P_f]
     if idx.numel() > 0:
-        out = out.index_put((idx,), _interval_far(lo[idx], hi[idx], delta[idx]))  # [P]
+        lo, hi = _interval_lower_side(z_a[idx], z_b[idx])  # [P_f], [P_f]
+        out = out.index_put((idx,), _interval_far(lo, hi, delta[idx]))  # [P]
     return out.reshape(shape)  # [...]
 
 
