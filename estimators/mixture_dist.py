@@ -377,17 +377,19 @@ def _log_normal_interval(z_a: Tensor, z_b: Tensor, dz: Tensor) -> Tensor:
     points. The end points are the z themselves (rebuilding them from m and delta would lose a small end
     point next to a huge one). dz = 0 gives a finite value far below any true gap.
 
-    Eager and unbatched, each branch runs on its own elements only (gathered by index; most elements
-    are in one branch). Under ``torch.compile`` or ``torch.func`` transforms (no data-dependent shapes
-    there) every branch runs on every element on inputs made safe for it, blended by 0/1 masks, so
-    values and gradients stay finite.
+    Eager on CPU and unbatched, the series and far-tail branches run on their own elements only
+    (gathered by index) over the erfc branch, which runs on all. Under ``torch.compile`` or
+    ``torch.func`` transforms (no data-dependent shapes there) and on accelerators (no host syncs)
+    every branch runs on every element and 0/1 masks blend them; every branch is finite on every
+    input, so values and gradients stay finite.
     """
     radius, cut = _interval_constants(dz.dtype)
     z_a, z_b = z_a.expand_as(dz), z_b.expand_as(dz)  # [...], [...]
     delta = 0.5 * dz.abs()  # [...]
     m = z_a + 0.5 * dz  # [...], the midpoint (accurate where the interval is short)
     series = delta * (m.abs() + 2.0) <= radius  # [...]
-    if torch.compiler.is_compiling() or _functorch_active():
+    # dense on accelerators too: the subset path reads counts back to the host (a sync per call)
+    if dz.device.type != "cpu" or torch.compiler.is_compiling() or _functorch_active():
         series_f = _mask(series, dz)  # [...]
         lo, hi = _interval_lower_side(z_a, z_b)  # [...], [...]
         log_tail = _select(_mask(hi > cut, dz), _interval_near(z_a, z_b, m), _interval_far(lo, hi, delta))
@@ -414,7 +416,8 @@ def _log_normal_interval(z_a: Tensor, z_b: Tensor, dz: Tensor) -> Tensor:
 
 
 def _functorch_active() -> bool:
-    return torch._C._are_functorch_transforms_active()
+    """Whether a torch.func transform (vmap, grad, jvp) is running; False on a torch without the query."""
+    return getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
 
 
 def _cdf_gaps(z: Tensor, loc: Tensor, scale: Tensor, log_w: Tensor) -> tuple[Tensor, Tensor]:
