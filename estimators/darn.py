@@ -1,6 +1,6 @@
 """The DARN estimator, "1/2" in MuProp's tables: a Taylor expansion of f at the sample, centred at x_bar.
 
-    g = sum_i grad_theta log p(z_i | pa_i) * f'_i(z)^T (z_i - x_bar)  +  grad_theta f(z; theta)
+    g = sum_i sum_j grad_theta log p(z_ij | pa_i) * f'_ij(z) (z_ij - x_bar)  +  grad_theta f(z; theta)
 
 Gregor, Danihelka, Mnih, Blundell, Wierstra, "Deep AutoRegressive Networks", ICML 2014 (Sec. 3, the
 gradient of the description length with a first-order expansion of f around the sample); "1/2" in Gu et al.
@@ -8,6 +8,14 @@ gradient of the description length with a first-order expansion of f around the 
 categorical variables of k classes (the MuProp paper's choice for its categorical model). **Biased**: for a
 Bernoulli unit f'(z)(z - 1/2) averages to the finite difference f(1) - f(0) only when f is linear in that
 unit given the others (multilinear f of one layer); biased otherwise, and always through the layers above.
+
+One signal per unit, as DARN's local learning signals: unit j of layer i is scored with its own
+f'_ij (z_ij - 1/2), not with the layer's sum f'_i^T (z_i - 1/2). The layer sum (used here before) multiplies
+each unit's score by every other unit's term: for f = z_j z_k it adds p_j (1 - p_j)(p_k - 1/2) to the
+gradient of l_j (biased even for this quadratic f, which the per-unit form gets exactly) and a variance that
+grows with the layer width. Measured on SBN 200-784 (``python -m runners.reproduce muprop_table3 --rows
+sbn_1layer --steps 20000 --seeds 1 --lrs 1e-3``, SGD): the layer-sum form ended at a test -ELBO of 238.7
+nats, worse than at initialisation (213.1); see results/muprop_table3.md for the per-unit form.
 
 f'_i(z) on multi-layer networks. f'_i is the derivative of f with respect to z_i at the sample, *through the
 conditional means of the layers above*, as DARN and the straight-through estimator define the backward pass of
@@ -37,9 +45,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution
+from torch.distributions import Distribution, Independent
 
-from estimators.base import CostFn, Estimate, Estimator, Trace, discrete_kind, draw_detached, site_log_prob
+from estimators.base import CostFn, Estimate, Estimator, Trace, discrete_kind, draw_detached
 
 
 def centre_of(dist: Distribution, z: Tensor) -> float:
@@ -82,17 +90,23 @@ class Darn(Estimator):
             cost = cost_fn(trace, self.n_samples)  # [S, B]
             names = list(trace.sites)
             f_prime = self.f_primes(cost, trace, [leaves[n] for n in names])  # [S, B, D_i] each
-        samples = [trace.sites[n][1].detach() for n in names]  # b_i (e_i = 0)
-        signal = torch.stack(
-            [
-                (fp * (z - centre_of(trace.sites[n][0], z))).flatten(2).sum(-1)  # [S, B]
-                for n, z, fp in zip(names, samples, f_prime)
-            ]
-        )  # [L, S, B]; autograd.grad returned no graph, so the signal is a constant of the surrogate
-        log_p = torch.stack([site_log_prob(*trace.sites[n]) for n in names])  # [L, S, B], at sampled parents
+        score_terms, signals = [], []
+        for n, fp in zip(names, f_prime):
+            dist, z = trace.sites[n]
+            z = z.detach()  # b_i (e_i = 0)
+            unit_dist = dist.base_dist if isinstance(dist, Independent) else dist
+            # one learning signal per unit (per one-hot variable): f'_ij (z_ij - x_bar), summed over the
+            # variable's own event (the k classes) only; autograd.grad returned no graph, so it is a constant
+            signal = fp * (z - centre_of(dist, z))  # [S, B, D] or [S, B, V, K]
+            if unit_dist.event_shape:
+                signal = signal.flatten(-len(unit_dist.event_shape)).sum(-1)  # [S, B, V]
+            log_p_unit = unit_dist.log_prob(z)  # [S, B, D] / [S, B, V], at the sampled parents
+            score_terms.append((log_p_unit * signal).flatten(2).sum(-1))  # [S, B]
+            signals.append(signal.flatten(2))
         # + cost: direct dependence of f on theta at the fixed sample (the e_i carry no theta);
-        # + log_p * signal: score function times the Taylor learning signal (f is minimised)
-        surrogate = (cost + (log_p * signal).sum(0)).mean()
+        # + sum_ij log p(z_ij | pa) * signal_ij: each unit's score times its own Taylor signal (f is minimised)
+        surrogate = (cost + torch.stack(score_terms).sum(0)).mean()
+        flat = torch.cat(signals, -1)  # [S, B, sum of units]
         return Estimate(
-            cost.detach(), surrogate, {"signal_std": float(signal.std()) if signal.numel() > 1 else 0.0}
+            cost.detach(), surrogate, {"signal_std": float(flat.std()) if flat.numel() > 1 else 0.0}
         )

@@ -215,7 +215,8 @@ class Chain(nn.Module):
             d_l = []
             for z, l_i, s, fp in zip(zs, logits, signals, f_primes):
                 mu = torch.sigmoid(l_i)
-                d_l.append(w.unsqueeze(-1) * ((z - mu) * s.unsqueeze(-1) + mu * (1 - mu) * fp))  # [S, B, D_i]
+                s = s if s.dim() == z.dim() else s.unsqueeze(-1)  # one signal per layer [S, B] or per unit
+                d_l.append(w.unsqueeze(-1) * ((z - mu) * s + mu * (1 - mu) * fp))  # [S, B, D_i]
             g_theta = d_l[0].sum((0, 1))
             g_w = [torch.einsum("sbi,sbj->ij", d_l[i], zs[i - 1]) for i in range(1, len(zs))]
             g_c = [d_l[i].sum((0, 1)) for i in range(1, len(zs))]

@@ -169,8 +169,8 @@ def test_darn_categorical_exact():
     out = est(toy.cost_fn, None)
     (b,) = toy.seen
     p = torch.softmax(toy.logits(), -1).detach()
-    signal = (toy.f_prime(b) * (b - 1.0 / 3)).sum((-1, -2))  # [1, B]: f'(b)^T (b - 1/k), k = 3
-    check_theta(toy, out, (b - p) * signal[..., None, None])  # grad_l log p(b) = b - p
+    signal = (toy.f_prime(b) * (b - 1.0 / 3)).sum(-1)  # [1, B, V]: per variable f'_v(b)^T (b_v - 1/k), k = 3
+    check_theta(toy, out, (b - p) * signal[..., None])  # grad_l log p(b_v) = b_v - p_v
 
 
 def test_gumbel_st_categorical_exact():

@@ -1,7 +1,8 @@
 """The DARN ("1/2") estimator on multi-layer networks: f'_i(z) through the conditional means of the layers above.
 
 * one sample, S = 1, on 2- and 3-layer Bernoulli chains (tests/exact_discrete.py ``Chain``, whose cost does not
-  read z_1 directly): the estimate equals the formula written out by hand, signal_i = f'_i(z)^T (z_i - 1/2)
+  read z_1 directly): the estimate equals the formula written out by hand, one signal per unit,
+  signal_ij = f'_ij(z) (z_ij - 1/2),
   with f'_i = u_i + W_{i+1}^T [sigmoid'(l_{i+1}(z_i)) f'_{i+1}];
 * its exact expectation (every joint state enumerated, no Monte Carlo) equals the expectation of that formula,
   and differs from the exact gradient (the estimator is biased: the formula is what is tested);
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
 def darn_signals(chain: Chain, zs):
     fp = chain.f_prime_chain(zs)  # f'_i at the sample, through the conditional means above
-    return [(p * (z - 0.5)).sum(-1) for p, z in zip(fp, zs)], [torch.zeros_like(z) for z in zs]
+    return [p * (z - 0.5) for p, z in zip(fp, zs)], [torch.zeros_like(z) for z in zs]  # per unit [S, B, D_i]
 
 
 @pytest.mark.parametrize("sizes", [[2, 2], [2, 1, 2], [1, 2, 2]])
@@ -50,7 +51,9 @@ def test_darn_chain_exact_expectation(sizes, monkeypatch):
     hand = torch.cat([g.reshape(-1) for g in chain.score_grads(zs, signals, no_correction, weights)])
     torch.testing.assert_close(got, hand, rtol=1e-10, atol=1e-12)
     exact = chain.exact()
-    assert float((got - exact).abs().max()) > 1e-2  # biased: the product term and the layers above
+    # biased through the layers above (the conditional means' slopes stand in for finite differences); the
+    # last layer, where the chain's cost is linear in each unit given the others, is exact per unit
+    assert float((got - exact).abs().max()) > 1e-3
     n_theta = sizes[0]
     assert float(got[:n_theta].abs().min()) > 1e-4  # z_1 (not read by f directly) gets a gradient
 

@@ -119,7 +119,7 @@ def test_darn_exact():
     (z,) = toy.seen
     mu = sig(toy.logits()).detach()
     with torch.no_grad():
-        signal = (toy.f_prime(z) * (z - 0.5)).sum(-1, keepdim=True)  # [1, B, 1]: f'(z)^T (z - 1/2)
+        signal = toy.f_prime(z) * (z - 0.5)  # [1, B, D]: one signal per unit, f'_j(z) (z_j - 1/2)
         g = (z - mu) * signal  # [1, B, D]: grad_l log p(z) = z - mu
     check(toy, out, per_example_mean(g), (z[..., 2] + 2 * toy.w).mean().detach())
 
