@@ -50,10 +50,15 @@ class Row:
     label: str  # as the paper names the model
     paper: dict[str, float | None]  # estimator -> the paper's number (None: not available to us)
     note: str = ""
+    overrides: list[str] = field(
+        default_factory=list
+    )  # run.py overrides of this row (e.g. model.components=2)
+    metric: str | None = None  # the row's own summary key (default: the table's)
+    negate: bool = True  # the table shows -metric (bounds); False for a KL
 
 
 @dataclass
-class Table:
+class Table:  # noqa: D101
     title: str
     metric: str  # summary key; the table shows its negative (nats, lower is better)
     metric_name: str
@@ -69,10 +74,18 @@ NAMES = {
     "muprop_c": "MuProp-C",
     "muprop_c_idb": "MuProp-C-IDB",
     "muprop_c_vn": "MuProp-C-VN",
+    "implicit_mixture": "implicit (Graves' transform, all components)",
+    "graves_mixture": "Graves (sampled component)",
+    "mixture_score": "score function",
+    "mixture_gumbel_st": "Gumbel-Softmax ST",
+    "mixture_exact": "exact marginalisation",
+    "reparam": "reparameterization",
     "st": "ST",
     "darn": "1/2",
 }
 NOT_LISTED = "the paper's number for this row is not in ../shared/REFERENCE.md"
+MIX_EST = ["implicit_mixture", "graves_mixture", "mixture_score", "mixture_gumbel_st", "mixture_exact"]
+GRAVES_NOTE = "Graves 2016 proposes the experiment and reports no number"
 
 TABLES: dict[str, Table] = {
     "muprop_table3": Table(
@@ -106,6 +119,53 @@ TABLES: dict[str, Table] = {
                 "Categorical (200×10)-784",
                 dict.fromkeys(T3_EST),
                 NOT_LISTED,
+            ),
+        ],
+    ),
+    "graves2016": Table(
+        title="Graves 2016's proposed uses, done: mixture-posterior VAEs and mixture SVI (the report has no numbers)",
+        metric="test/elbo",
+        metric_name="VAE rows: test −ELBO (nats); SVI rows: KL(q ‖ target) (nats)",
+        lrs=[1e-3],
+        rows=[
+            Row(
+                "vae_gaussian",
+                "mixture_vae",
+                "VAE, Gaussian posterior (K = 1)",
+                {"reparam": None},
+                GRAVES_NOTE,
+                ["model=vae", "model.latent_dim=50"],
+            ),
+            *[
+                Row(
+                    f"vae_k{k}",
+                    "mixture_vae",
+                    f"VAE, mixture posterior K = {k}",
+                    dict.fromkeys(MIX_EST),
+                    GRAVES_NOTE,
+                    [f"model.components={k}"],
+                )
+                for k in (2, 5, 10)
+            ],
+            Row(
+                "svi_ring",
+                "mixture_svi_ring",
+                "SVI, 2-D ring (K = 8)",
+                dict.fromkeys(MIX_EST),
+                GRAVES_NOTE,
+                ["optim.lr=1e-2"],
+                metric="test/kl_to_target",
+                negate=False,
+            ),
+            Row(
+                "svi_gmm10",
+                "mixture_svi_gmm10",
+                "SVI, 10-D Gaussian mixture",
+                dict.fromkeys(MIX_EST),
+                GRAVES_NOTE,
+                ["optim.lr=1e-2"],
+                metric="test/kl_to_target",
+                negate=False,
             ),
         ],
     ),
@@ -147,15 +207,22 @@ def sweep_command(table: Table, row: Row, args: argparse.Namespace) -> list[str]
         f"experiment={row.preset}",
         f"estimator={','.join(estimators)}",
         f"seed={','.join(str(s) for s in args.seeds)}",
-        f"optim.lr={','.join(repr(float(lr)) for lr in (args.lrs or table.lrs))}",
+        *(
+            []
+            if any(o.startswith("optim.lr=") for o in row.overrides) and not args.lrs
+            else [f"optim.lr={','.join(repr(float(lr)) for lr in (args.lrs or table.lrs))}"]
+        ),
         f"train.steps={args.steps}",
         f"hydra.sweep.dir={sweep_dir(args, row)}",
         f"logger.mode={args.logger}",
         "quiet=true",
     ]
+    cmd += [o for o in row.overrides if not (args.lrs and o.startswith("optim.lr="))]  # --lrs wins
     if args.data_root:
         cmd.append(f"data.root={args.data_root}")
-    if args.eval_samples and table.metric != "test/bound_100":  # Table 2's metric fixes m = 100
+    if (
+        args.eval_samples and table.metric != "test/bound_100" and row.metric is None
+    ):  # Table 2's metric: m = 100
         cmd.append(f"eval.samples={args.eval_samples}")
     if args.launcher != "basic":
         cmd.append(f"hydra/launcher={args.launcher}")
@@ -256,7 +323,7 @@ class Cell:
         return statistics.stdev(self.values) if len(self.values) > 1 else math.nan
 
 
-def choose(jobs: list[Job], estimator: str, metric: str) -> Cell:
+def choose(jobs: list[Job], estimator: str, metric: str, negate: bool = True) -> Cell:
     mine = [j for j in jobs if j.estimator == estimator]
     by_lr: dict[float, list[Job]] = {}
     for j in mine:
@@ -274,7 +341,7 @@ def choose(jobs: list[Job], estimator: str, metric: str) -> Cell:
     if best is None:
         return Cell(estimator, None, [], None, failed, unfinished, [])
     lr, val, done = best
-    values = [-float(j.summary[metric]) for j in done]
+    values = [(-1.0 if negate else 1.0) * float(j.summary[metric]) for j in done]
     return Cell(estimator, lr, values, val, failed, unfinished, [val_curve(j.dir) for j in done])
 
 
@@ -392,7 +459,7 @@ def report(
         jobs = collect(sweep_dir(args, row), args.steps)
         train_seconds += sum(float(j.summary.get("train_seconds", 0.0)) for j in jobs if j.summary)
         estimators = args.estimators or list(row.paper)
-        results[row.key] = {e: choose(jobs, e, table.metric) for e in estimators}
+        results[row.key] = {e: choose(jobs, e, row.metric or table.metric, row.negate) for e in estimators}
     header = [
         f"# {table.title}",
         "",

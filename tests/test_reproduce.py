@@ -34,7 +34,9 @@ def test_reproduce_writes_both_columns_and_resumes(tiny_data_root, tmp_path, cap
     assert "| SBN 200-784 | ST |" in md and "| 129.4 |" in md and "| 112.4 |" in md  # the paper's column
     assert "Command: `python -m runners.reproduce muprop_table3" in md and "Steps per run: 4" in md
     assert "ST is the worst" in md  # the claims are checked under the table
-    rows = list(csv.DictReader(line for line in (out / "muprop_table3.csv").open() if not line.startswith("#")))
+    rows = list(
+        csv.DictReader(line for line in (out / "muprop_table3.csv").open() if not line.startswith("#"))
+    )
     assert {r["estimator"] for r in rows} == {"st", "darn"}
     assert all(r["seeds"] == "2" and r["lr"] in ("0.001", "0.0003") for r in rows)
     assert (out / "muprop_table3_sbn_1layer.png").exists()
@@ -48,3 +50,29 @@ def test_reproduce_writes_both_columns_and_resumes(tiny_data_root, tmp_path, cap
     reproduce.main(argv)
     assert (jobs[0] / "DONE").exists()
     assert (out / "muprop_table3.md").read_text().count("| SBN 200-784 |") == 2
+
+
+def test_graves2016_rows_run_and_report(tiny_data_root, tmp_path):
+    out = tmp_path / "results"
+    reproduce.main(
+        [
+            "graves2016",
+            "--rows", "vae_k2,svi_ring",
+            "--estimators", "graves_mixture,mixture_exact",
+            "--steps", "3",
+            "--seeds", "1",
+            "--data-root", str(tiny_data_root),
+            "--sweep-root", str(tmp_path / "sweeps"),
+            "--out", str(out),
+            "--logger", "disabled",
+            "--eval-samples", "3",
+            "data.verify=false", "train.batch_size=8", "train.eval_every=2", "eval.batch_size=5",
+            "variance.every=0", "device=cpu", "model.latent_dim=2",
+        ]
+    )  # fmt: skip
+    md = (out / "graves2016.md").read_text()
+    assert "| VAE, mixture posterior K = 2 | exact marginalisation |" in md
+    assert "| SVI, 2-D ring (K = 8) | Graves (sampled component) |" in md
+    assert "reports no number" in md
+    rows = list(csv.DictReader(line for line in (out / "graves2016.csv").open() if not line.startswith("#")))
+    assert len(rows) == 4 and all(r["seeds"] == "1" for r in rows)
