@@ -94,27 +94,9 @@ def expected_gradient(
     by the state's probability. ``cost_fns`` holds one cost function per example (each a batch of one), so
     that each example's gradient gets its own state probabilities; the result is their mean.
     """
-    states = enumerate_states(sum(sizes))  # [N, sum D]
-    total = None
-    for cost_fn in cost_fns:
-        for state in states:
-            chunks = list(state.split(sizes))
-            weight = []
-
-            def draw(name, dist, chunks=chunks, weight=weight):
-                z = chunks[len(weight)].to(dist.mean.dtype).expand_as(dist.mean)  # [1, 1, D_i]
-                weight.append(dist.log_prob(z).detach())  # [1, 1]
-                return z
-
-            monkeypatch.setattr(module, "draw_detached", draw)
-            est = estimator(cost_fn, None)
-            grads = torch.autograd.grad(est.surrogate, params, allow_unused=True)
-            g = torch.cat(
-                [(gi if gi is not None else torch.zeros_like(p)).reshape(-1) for gi, p in zip(grads, params)]
-            )
-            p_state = torch.stack(weight).sum().exp()
-            total = p_state * g if total is None else total + p_state * g
-    return total / len(cost_fns)
+    # every joint state = one state per site, each site's 2^D_i states listed (the enumeration of the sites)
+    site_states = [enumerate_states(d) for d in sizes]  # [2^D_i, D_i]
+    return expected_gradient_sites(estimator, cost_fns, site_states, params, monkeypatch, module)
 
 
 @pytest.fixture(autouse=False)
