@@ -390,3 +390,31 @@ def test_online_without_network_falls_back_to_offline(tiny_data_root, tmp_path, 
     rows = wandb_files.history(wandb_files.read_records(run_file))
     assert [r["step"] for r in rows if "train/elbo" in r] == [1, 2, 3, 4, 5]
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 5
+
+
+def test_a_launchers_preemption_handler_runs_after_the_checkpoint():
+    """submitit installs a SIGUSR2 handler that requeues the job: the run records the signal first (and
+    checkpoints), and only then ``chain()`` hands it to the launcher's handler."""
+    from runners.interrupt import GracefulStop
+
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda s, f: calls.append(s))
+    try:
+        with GracefulStop() as stop:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            deadline = time.monotonic() + 10
+            while not stop.requested and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert stop.requested == signal.SIGUSR2 and calls == []  # not yet: the checkpoint comes first
+        stop.chain()
+        assert calls == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_without_a_launcher_handler_sigusr2_is_left_alone():
+    from runners.interrupt import GracefulStop
+
+    assert signal.getsignal(signal.SIGUSR2) in (signal.SIG_DFL, None)
+    with GracefulStop():
+        assert signal.getsignal(signal.SIGUSR2) in (signal.SIG_DFL, None)  # its default: terminate
