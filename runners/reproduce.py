@@ -467,7 +467,7 @@ def report(
         f"Hardware: {hardware()}  ",
         f"Steps per run: {args.steps} (batch 100, SGD momentum 0.9); seeds: {', '.join(map(str, args.seeds))}; "
         f"learning rates tried: {', '.join(f'{lr:g}' for lr in (args.lrs or table.lrs))}  ",
-        f"Training time, all runs: {train_seconds / 3600:.2f} h"
+        f"Training wall time, summed over the runs: {train_seconds / 3600:.2f} h"
         + ("  " if args.report_only else f"; wall time of the last invocation: {wall / 60:.1f} min  "),
         f"Metric: {table.metric_name}, lower is better; ours is mean ± std over seeds at the learning rate chosen on the "
         f"validation bound (the paper chose on test); Δ = ours − paper.",
