@@ -73,6 +73,6 @@ def test_graves2016_rows_run_and_report(tiny_data_root, tmp_path):
     md = (out / "graves2016.md").read_text()
     assert "| VAE, mixture posterior K = 2 | exact marginalisation |" in md
     assert "| SVI, 2-D ring (K = 8) | Graves (sampled component) |" in md
-    assert "reports no number" in md
+    assert "Graves 2016 runs no experiment" in md
     rows = list(csv.DictReader(line for line in (out / "graves2016.csv").open() if not line.startswith("#")))
     assert len(rows) == 4 and all(r["seeds"] == "1" for r in rows)
