@@ -36,6 +36,8 @@ from runners.checks import (
     check_finished,
     check_overrides,
     check_paths,
+    clean_cause,
+    one_line,
     with_model_defaults,
 )
 from runners.interrupt import RunInterrupted
@@ -106,21 +108,6 @@ def flat(e: BaseException) -> str:
 def untouched(run_dir: Path) -> bool:
     """Nothing in the run directory but what Hydra and the lock put there: this command wrote no run."""
     return not any(p for p in run_dir.iterdir() if p.name not in (".hydra", "run.log", ".lock"))
-
-
-def one_line(e: BaseException) -> str:
-    first = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {first}"
-
-
-def clean_cause(e: BaseException | None, kinds: tuple[type, ...]) -> BaseException | None:
-    """``e`` or the error it was raised from that is one of ``kinds`` (``hydra.utils.instantiate`` wraps the
-    DataError of a dataset's constructor in an InstantiationException)."""
-    while e is not None:
-        if isinstance(e, kinds):
-            return e
-        e = e.__cause__
-    return None
 
 
 def wandb_group(cfg: DictConfig, hc) -> str | None:

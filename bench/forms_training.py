@@ -36,17 +36,13 @@ from torch import Tensor  # noqa: E402
 from data.binarized_mnist import BinarizedMNIST  # noqa: E402
 from estimators.base import Trace  # noqa: E402
 from estimators.darn import Darn  # noqa: E402
-from estimators.muprop import MeanField, MuProp  # noqa: E402
+from estimators.muprop import MuProp  # noqa: E402
 from models.sbn_sp import SBNSP  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from muprop_forms import PartialMuProp  # noqa: E402  - the partial form, defined once
+
 RESULTS = ROOT / "bench" / "results"
-
-
-class PartialMuProp(MuProp):
-    """MuProp with the partial derivative f'(z_bar_i) (the layers above held fixed): the old form."""
-
-    def mean_field_sampler(self) -> MeanField:
-        return MeanField(total=False)
 
 
 class PartialDarn(Darn):

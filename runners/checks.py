@@ -41,6 +41,22 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key and what is allowed."""
 
 
+def one_line(e: BaseException) -> str:
+    """``Type: first line of the message``: how an error is named in error.txt's headline and in messages."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def clean_cause(e: BaseException | None, kinds: tuple[type, ...]) -> BaseException | None:
+    """``e`` or the error it was raised from that is one of ``kinds`` (``hydra.utils.instantiate`` wraps the
+    errors of a constructor, e.g. a dataset's DataError or PermissionError, in an InstantiationException)."""
+    while e is not None:
+        if isinstance(e, kinds):
+            return e
+        e = e.__cause__
+    return None
+
+
 def available(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 

@@ -76,9 +76,7 @@ class RunLogger:
                 resume="allow",
             )
             if mode == "offline":
-                # earlier processes' offline folders: superseded by the replay below (we hold the run's lock)
-                for old in (self.run_dir / "wandb").glob(f"offline-run-*-{run_id}"):
-                    shutil.rmtree(old, ignore_errors=True)
+                self._drop_offline_folders(run_id)
             try:
                 self.run = wandb.init(
                     **kwargs,
@@ -95,8 +93,7 @@ class RunLogger:
                 )
                 mode = "offline"
                 wandb.teardown()  # the failed online run still holds its id in W&B's service: start afresh
-                for old in (self.run_dir / "wandb").glob(f"offline-run-*-{run_id}"):
-                    shutil.rmtree(old, ignore_errors=True)
+                self._drop_offline_folders(run_id)
                 self.run = wandb.init(
                     **kwargs, mode="offline", settings=wandb.Settings(console="off", silent=True)
                 )
@@ -107,6 +104,11 @@ class RunLogger:
             self.wandb_dir = Path(self.run.dir).parent  # .../wandb/offline-run-<time>-<id>
             if mode == "offline" and self.lines:
                 self._replay()
+
+    def _drop_offline_folders(self, run_id: str) -> None:
+        """Earlier processes' offline folders of this run: superseded by the replay (we hold the run's lock)."""
+        for old in (self.run_dir / "wandb").glob(f"offline-run-*-{run_id}"):
+            shutil.rmtree(old, ignore_errors=True)
 
     def _replay(self) -> None:
         """Log the kept lines of metrics.jsonl (the steps up to the checkpoint) into this W&B run."""

@@ -25,7 +25,14 @@ from tqdm import tqdm
 
 from estimators.base import Estimator
 from models.base import LatentVariableModel
-from runners.checks import ConfigError, check_config, check_resume, load_estimator_config
+from runners.checks import (
+    ConfigError,
+    check_config,
+    check_resume,
+    clean_cause,
+    load_estimator_config,
+    one_line,
+)
 from runners.interrupt import GracefulStop, RunInterrupted
 from runners.logger import CHECKPOINT, DONE, SUMMARY, RunLogger
 from runners.trajectory import bias_metrics
@@ -109,9 +116,7 @@ def build(cfg: DictConfig) -> Run:
     try:
         data = instantiate(cfg.data, device=device)
     except Exception as err:  # noqa: BLE001 - instantiate wraps the constructor's error: look at the cause
-        e = err
-        while e is not None and not isinstance(e, PermissionError):
-            e = e.__cause__ or e.__context__
+        e = clean_cause(err, (PermissionError,))
         if e is None:
             raise
         from data.common import DataError
@@ -300,11 +305,6 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     atomic_json(summary, run_dir / SUMMARY)
     (run_dir / DONE).write_text("finished\n")
     return summary
-
-
-def one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def bad_checkpoint(path: Path, why: str) -> str:
