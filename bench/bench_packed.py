@@ -1,17 +1,18 @@
-"""Packed runs, measured before they are built: M members of SBN 200-784 in one step vs M separate steps.
+"""Packed runs measured: member-steps per second of M members of SBN 200-784, packed vs separate runs.
 
     python bench/bench_packed.py [--members 1,4,16,64,256] [--device cpu|cuda] [--reps 3] [--threads 1]
 
-The question this answers for issue 8 ("choose the mechanism by measurement"): how many member-steps per
-second does one process get when M independent members of a sweep are trained
+For issue 8 ("choose the mechanism by measurement"), in one run, for MuProp-C and NVIL (B = 100, Adam):
 
-* **separate**: the project's own model (``models/sbn.py``) and estimator (``estimators/muprop.py`` /
-  NVIL from ``conf/estimator/nvil.yaml``) and Adam, one member after another, as M single runs would
-  (minus process start-up: separate processes are slower still);
-* **packed (member dimension)**: the same arithmetic with every weight carrying a leading member dimension
+* **separate runs**: the runner's own members (``runners.train.open_member`` on the Table 3 preset), each
+  taking its steps alone, as M single runs would (minus process start-up: separate processes are slower
+  still, by the build time printed first plus the imports);
+* **packed (runner)**: the same members in lock step, one step each per round, each on its own RNG stream,
+  exactly as ``train_pack`` (``hydra/launcher=packed``) trains them;
+* **member-dim prototype**: the same arithmetic with every weight carrying a leading member dimension
   ``[M, in, out]`` and ``baddbmm`` over members (CORL's ``VectorizedLinear``), per-member moving averages,
-  VN statistics and IDB nets, and a member-wise Adam with a learning rate per member — written out in this
-  file for the measurement only (the runner does not use it yet);
+  VN statistics and IDB nets, and a member-wise Adam with a learning rate per member, written out in this
+  file for the measurement only: the mechanism the runner does not use (on CPU it loses from M = 64);
 * **torch.func.vmap** over the real model and estimator (``stack_module_state`` + ``functional_call``): tried
   and reported; MuProp's mean-field derivative calls ``torch.autograd.grad``, which ``vmap`` does not support,
   and the estimators' running statistics are updated in place.
@@ -146,34 +147,64 @@ def packed_step_fn(kind: str, m: int, device: torch.device):
 
 
 # --------------------------------------------------------------------------------------------------
-# separate: the project's own classes, one member after another
+# the runner: train_pack's members (runners/train.py), in lock step vs each alone
 # --------------------------------------------------------------------------------------------------
 
 
-def separate_step_fn(kind: str, m: int, device: torch.device):
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+def runner_members(kind: str, m: int, device: torch.device, root: Path, tmp: Path) -> list:
+    """M members of the Table 3 SBN 200-784 preset as the runner builds them (``open_member``), seeds 1..M,
+    Adam at a learning rate per member; evaluation, variance and checkpoints off (the step alone is timed)."""
+    from hydra import compose, initialize_config_dir
 
-    from models.sbn import SBN
+    from runners.train import Job, open_member
 
-    est_cfg = OmegaConf.load(ROOT / "conf" / "estimator" / f"{kind}.yaml")
+    cache: dict = {}
     members = []
-    for i in range(m):
-        torch.manual_seed(i)
-        model = SBN(x_dim=X, layers=[H], train_mean=torch.full((X,), 0.3)).to(device)
-        est = instantiate(est_cfg, context_dim=model.context_dim).to(device)
-        opt = torch.optim.Adam([*model.parameters(), *est.parameters()], lr=3e-4)
-        members.append((model, est, opt, torch.Generator(device=device).manual_seed(i)))
-    x_all = torch.bernoulli(torch.full((1000, X), 0.3, device=device))
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        for i in range(m):
+            cfg = compose(
+                "config",
+                overrides=[
+                    "experiment=muprop_table3_sbn_1layer",
+                    f"estimator={kind}",
+                    "optim=adam",
+                    f"optim.lr={3e-4 * (1 + i % 5)}",
+                    f"seed={i + 1}",
+                    f"data.root={root}",
+                    "data.verify=false",
+                    "train.steps=100000000",
+                    "train.eval_every=100000000",
+                    "train.checkpoint_every=100000000",
+                    "variance.every=0",
+                    "logger.mode=disabled",
+                    "quiet=true",
+                    f"device={device}",
+                ],
+            )
+            members.append(open_member(i, Job(cfg, tmp / f"m{kind}{m}_{i}"), cache))
+    return members
+
+
+def runner_step_fn(members: list, packed: bool, rounds: int):
+    """packed: ``rounds`` lock-step rounds, each member one step on its own RNG stream (``_turn`` swaps it in),
+    as ``train_pack`` runs a pack; separate: each member ``rounds`` steps in a row with nothing swapped, as its
+    single run would (process start-up, imports and data loading of separate runs are not counted)."""
+    from runners.interrupt import GracefulStop
+    from runners.train import _advance, _turn
+
+    stop = GracefulStop()
 
     def step() -> None:
-        for model, est, opt, gen in members:
-            x = x_all[torch.randint(0, 1000, (B,), device=device, generator=gen)]  # [B, X]
-            out = est(model.cost_fn(x), model.context(x))
-            opt.zero_grad(set_to_none=True)
-            out.surrogate.backward()
-            opt.step()
-            est.step += 1
+        if packed:
+            for _ in range(rounds):
+                for mm in members:
+                    with _turn(mm, swap=len(members) > 1):
+                        _advance(mm, stop)
+        else:
+            for mm in members:
+                for _ in range(rounds):
+                    with _turn(mm, swap=False):
+                        _advance(mm, stop)
 
     return step
 
@@ -233,19 +264,46 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--max-separate", type=int, default=256, help="skip separate runs above this M (time)")
+    ap.add_argument("--min-steps", type=int, default=64, help="member-steps per timed repetition (at least)")
+    ap.add_argument("--no-member-dim", action="store_true", help="skip the member-dimension prototype")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    print(f"device {device}, {a.threads} thread(s), torch {torch.__version__}, SBN 200-784, B = {B}, Adam")
-    print("\n| estimator | M | separate member-steps/s | packed member-steps/s | packed ÷ separate |")
-    print("|---|---|---|---|---|")
+    import tempfile
+
+    from tests.datafiles import write_binarized_mnist
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_packed_"))
+    write_binarized_mnist(tmp / "data")  # tiny files in the real format: the step does not depend on N
+    print(
+        f"device {device}, {a.threads} thread(s), torch {torch.__version__}; SBN 200-784 (Table 3 preset), "
+        f"B = {B}, Adam, a learning rate per member; median of {a.reps} repetitions of >= {a.min_steps} member-steps"
+    )
+    t0 = time.perf_counter()
+    runner_members("nvil", 1, device, tmp / "data", tmp)
+    print(
+        f"building one run (config, data load, model, estimator, optimiser) in a warm process: "
+        f"{time.perf_counter() - t0:.2f} s; a separate process also pays Python + torch imports"
+    )
+    head = "| estimator | M | separate runs | packed (runner) | packed ÷ separate |"
+    if not a.no_member_dim:
+        head += " member-dim prototype | prototype ÷ separate |"
+    print("\nmember-steps per second\n\n" + head)
+    print("|---" * (head.count("|") - 1) + "|")
     for kind in a.estimators.split(","):
         for m in [int(s) for s in a.members.split(",")]:
-            sep = timed(separate_step_fn(kind, m, device), a.reps) if m <= a.max_separate else float("nan")
-            pk = timed(packed_step_fn(kind, m, device), a.reps)
-            s_rate, p_rate = m / sep, m / pk
-            print(f"| {kind} | {m} | {s_rate:,.0f} | {p_rate:,.0f} | {p_rate / s_rate:.2f} |", flush=True)
+            rounds = max(1, a.min_steps // m)
+            members = runner_members(kind, m, device, tmp / "data", tmp)
+            sep = timed(runner_step_fn(members, False, rounds), a.reps)
+            pk = timed(runner_step_fn(members, True, rounds), a.reps)
+            s_rate, p_rate = m * rounds / sep, m * rounds / pk
+            row = f"| {kind} | {m} | {s_rate:,.0f} | {p_rate:,.0f} | {p_rate / s_rate:.2f} |"
+            del members
+            if not a.no_member_dim:
+                proto = packed_step_fn(kind, m, device)
+                d_rate = m * rounds / timed(lambda p=proto, r=rounds: [p() for _ in range(r)], a.reps)
+                row += f" {d_rate:,.0f} | {d_rate / s_rate:.2f} |"
+            print(row, flush=True)
     for kind in a.estimators.split(","):
         print(f"\ntorch.func vmap(grad) over the real SBN + {kind}: {try_vmap(kind, device)}")
 

@@ -94,7 +94,7 @@ class ARM(Estimator):
             )  # [S, B, D]
             # + phi * g: g estimates d E[f] / d phi (f is minimised), pushed into theta by the chain rule
             surrogate_terms.append((logits * g.detach()).sum(-1))  # [S, B]; g is a constant weight
-            flipped_fraction.append(float((b_flip != b_base).to(logits.dtype).mean()))
+            flipped_fraction.append((b_flip != b_base).to(logits.dtype).mean().detach())
         # + cost: direct dependence of f on theta at the base sample (samples held fixed)
         surrogate = (cost + torch.stack(surrogate_terms).sum(0)).mean()
         return Estimate(f_base, surrogate, {"pair_differs": sum(flipped_fraction) / len(flipped_fraction)})

@@ -24,7 +24,8 @@ checkpoint) whose ``forward(cost_fn, context)`` returns an :class:`Estimate`:
 * ``cost``: the detached per-example cost ``[S, B]`` (what the runner reports; ELBO = -cost);
 * ``surrogate``: a scalar whose gradient, with respect to the model's parameters, is the gradient estimate
   of ``E[cost].mean()``, and with respect to the estimator's own parameters, their training gradient;
-* ``diagnostics``: a dict of floats/tensors for logging.
+* ``diagnostics``: a dict of detached scalar tensors (or floats) for logging, read on log steps only (no host
+  synchronisation in the step).
 
 Using an estimator outside the runner takes three lines: build it, give it a cost function, backprop the
 surrogate (see the README).
@@ -50,7 +51,7 @@ class Estimate:
 
     cost: Tensor  # [S, B], detached
     surrogate: Tensor  # [], differentiable
-    diagnostics: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict[str, Tensor | float] = field(default_factory=dict)  # read on log steps only
 
 
 class Estimator(nn.Module):
@@ -203,11 +204,9 @@ class MovingAverage(nn.Module):
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
         x = x.detach().mean()
-        if not bool(self.initialised):
-            self.value.copy_(x)
-            self.initialised.fill_(True)
-        else:
-            self.value.mul_(self.decay).add_((1 - self.decay) * x)
+        # on the device, no host synchronisation: the first value is taken as is, later ones averaged in
+        self.value.copy_(torch.where(self.initialised, self.decay * self.value + (1 - self.decay) * x, x))
+        self.initialised.fill_(True)
 
 
 def parameters_of(modules: Iterable[nn.Module]) -> list[nn.Parameter]:

@@ -88,7 +88,7 @@ class SignalProcessor(nn.Module):
                 self.var.update(a.pow(2).mean())
             a = a / scale  # [S, B]
         diag = {
-            "signal_mean": float(signal.mean()),
-            "advantage_std": float(a.std()) if a.numel() > 1 else 0.0,
+            "signal_mean": signal.detach().mean(),
+            "advantage_std": a.detach().std() if a.numel() > 1 else 0.0,
         }
         return a, loss, diag

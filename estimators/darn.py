@@ -108,5 +108,5 @@ class Darn(Estimator):
         surrogate = (cost + torch.stack(score_terms).sum(0)).mean()
         flat = torch.cat(signals, -1)  # [S, B, sum of units]
         return Estimate(
-            cost.detach(), surrogate, {"signal_std": float(flat.std()) if flat.numel() > 1 else 0.0}
+            cost.detach(), surrogate, {"signal_std": flat.detach().std() if flat.numel() > 1 else 0.0}
         )

@@ -85,7 +85,7 @@ class MixtureScore(Estimator):
         # (log q); + score * advantage: the likelihood-ratio term of the index (plus: we minimise cost).
         surrogate = (cost + score * advantage).mean()
         diag = {
-            "signal_mean": float(signal.mean()),
-            "advantage_std": float(advantage.std()) if advantage.numel() > 1 else 0.0,
+            "signal_mean": signal.detach().mean(),
+            "advantage_std": advantage.detach().std() if advantage.numel() > 1 else 0.0,
         }
         return Estimate(signal, surrogate, diag)

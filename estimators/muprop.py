@@ -176,8 +176,8 @@ class MuProp(Estimator):
         surrogate = (cost + (log_p * adv).sum(0) + mu_dot_fp.sum(0) / scale).mean() + baseline_loss
         diag = {
             **diag,
-            "residual_std": float(residual.std()) if residual.numel() > 1 else 0.0,
-            "cost_minus_mean_field": float((f_z - f_bar).mean()),
+            "residual_std": residual.detach().std() if residual.numel() > 1 else 0.0,
+            "cost_minus_mean_field": (f_z - f_bar).detach().mean(),
         }
         return Estimate(f_z, surrogate, diag)
 

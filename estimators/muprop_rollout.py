@@ -111,7 +111,7 @@ class MuPropRollout(Estimator):
         # + mu^T f_i': adds back the control variate's expectation
         surrogate = (cost + (log_p * adv.detach()).sum(0) + mu_dot_fp.sum(0)).mean()
         diag = {
-            "residual_std": float(residual.std()) if residual.numel() > 1 else 0.0,
-            "cost_minus_rollout": float((f_z - f_roll[0]).mean()),
+            "residual_std": residual.detach().std() if residual.numel() > 1 else 0.0,
+            "cost_minus_rollout": (f_z - f_roll[0]).detach().mean(),
         }
         return Estimate(f_z, surrogate, diag)

@@ -214,7 +214,7 @@ class REBAR(Estimator):
             # + cost: direct dependence of f on theta at the hard sample (samples held fixed)
             surrogate = (cost + sum((logits[n] * g.detach()).sum(-1) for n, g in zip(names, signals))).mean()
             variance = sum(g.square().sum(-1).mean() for g in signals)  # V: single-sample variance estimate
-            diag = {"variance_objective": float(variance.detach())}
+            diag = {"variance_objective": variance.detach()}
             if train_cv:
                 own = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
                 d_own = torch.autograd.grad(
@@ -232,6 +232,6 @@ class REBAR(Estimator):
                     surrogate = surrogate + ((p - p.detach()) * u).sum()
                 self.rms_initialised.fill_(True)
         for i in range(n_layers):
-            diag[f"temperature_{i + 1}"] = float(tau[i].detach())
-            diag[f"eta_{i + 1}"] = float(self.eta[i].detach())
+            diag[f"temperature_{i + 1}"] = tau[i].detach()
+            diag[f"eta_{i + 1}"] = self.eta[i].detach()
         return Estimate(f_b, surrogate, diag)

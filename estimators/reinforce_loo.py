@@ -32,4 +32,4 @@ class ReinforceLOO(Estimator):
         # + cost: direct gradient of f at the fixed samples; + log_p * adv: score-function term (minimising:
         # a sample costlier than its peers gets its log-probability pushed down)
         surrogate = (cost + log_p * adv).mean()
-        return Estimate(f, surrogate, {"advantage_std": float(adv.std()) if adv.numel() > 1 else 0.0})
+        return Estimate(f, surrogate, {"advantage_std": adv.detach().std() if adv.numel() > 1 else 0.0})

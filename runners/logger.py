@@ -57,6 +57,7 @@ class RunLogger:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in finish()
         self.wandb = None
         self.wandb_dir: Path | None = None
+        self.used_wandb = mode != "disabled"  # finish(teardown=False) leaves W&B's service to the caller
         if mode != "disabled":
             import wandb
 
@@ -74,6 +75,7 @@ class RunLogger:
                 dir=str(self.run_dir),
                 id=run_id,
                 resume="allow",
+                reinit="create_new",  # members of a packed process each keep their own run
             )
             if mode == "offline":
                 self._drop_offline_folders(run_id)
@@ -165,7 +167,9 @@ class RunLogger:
             return None
         return f"wandb sync {self.wandb_dir}"
 
-    def finish(self, exit_code: int = 0) -> None:
+    def finish(self, exit_code: int = 0, teardown: bool = True) -> None:
+        """Close metrics.jsonl and finish the W&B run. ``teardown=False``: the caller calls ``wandb.teardown()``
+        once after finishing every run of the process (a packed process), before anything reads the files."""
         if not self._file.closed:
             self._file.close()
         if self.wandb is not None:
@@ -173,7 +177,8 @@ class RunLogger:
             # finish() can return before W&B's service has written the last records of an offline run to
             # disk; teardown waits for the service, so the run file is complete when this returns (a reader
             # of the file, DONE written after this, and `wandb sync` all see every record)
-            self.wandb.teardown()
+            if teardown:
+                self.wandb.teardown()
             self.wandb = None
 
 

@@ -14,6 +14,7 @@ import math
 import pickle
 import time
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,15 +107,22 @@ def build_optimizer(
     raise ValueError(f"optim.name={cfg.name!r}: choose adam or sgd")
 
 
-def build(cfg: DictConfig) -> Run:
+def build(cfg: DictConfig, data_cache: dict[str, Any] | None = None) -> Run:
+    """The run's objects, seeded by ``cfg.seed``. ``data_cache``: datasets already loaded in this process, by
+    data config and device (members of a pack share one copy; loading draws no random numbers)."""
     check_config(cfg)  # before any data is loaded
     try:
         device = resolve_device(cfg.device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     seed_everything(int(cfg.seed))
+    key = f"{device}|{OmegaConf.to_yaml(cfg.data, resolve=True)}"
     try:
-        data = instantiate(cfg.data, device=device)
+        data = (
+            data_cache[key]
+            if data_cache is not None and key in data_cache
+            else instantiate(cfg.data, device=device)
+        )
     except Exception as err:  # noqa: BLE001 - instantiate wraps the constructor's error: look at the cause
         e = clean_cause(err, (PermissionError,))
         if e is None:
@@ -126,6 +134,8 @@ def build(cfg: DictConfig) -> Run:
             f"cannot read {e.filename or cfg.data.get('root')}: permission denied. Make it readable by this user "
             f"(chmod / ask its owner), or point data.root at a readable copy"
         ) from None
+    if data_cache is not None:
+        data_cache[key] = data
     model = instantiate(cfg.model, x_dim=data.x_dim, train_mean=data.train_mean.to(device)).to(device)
     estimator = instantiate(cfg.estimator, context_dim=model.context_dim).to(device)
     basket = {  # the running estimator is measured as itself (with its trained state), not as a fresh copy
@@ -217,20 +227,83 @@ def save_checkpoint(
     )
 
 
+@dataclass
+class Job:
+    """One job to train: its config, its run directory and its W&B group (run.py passes the sweep's; default
+    logger.group, experiment_name, model name)."""
+
+    cfg: DictConfig
+    run_dir: Path
+    group: str | None = None
+
+
 def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, Any]:
     """Train per ``cfg`` in ``run_dir`` (resuming from its checkpoint if there is one); returns the summary.
-    ``group``: the W&B group (run.py passes the sweep's); default logger.group, experiment_name, model name."""
-    run_dir = Path(run_dir)
+
+    A single run is a pack of one member (:func:`train_pack`): there is one training loop."""
+    (result,) = train_pack([Job(cfg, Path(run_dir), group)])
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def train_pack(jobs: list[Job]) -> list[dict[str, Any] | BaseException]:
+    """Train ``jobs`` in one process, in lock step: each round, every member takes its next step.
+
+    Each member is exactly the single run of its job: its own seed-derived RNG stream (the global torch /
+    Python RNG state is swapped in for its turn and saved after it), its own minibatch generator, model,
+    estimator (moving averages, baseline nets, schedules) and optimiser, its own run directory with the files
+    a single run leaves (config.yaml, metrics.jsonl, checkpoint.pt, summary.json, DONE, W&B run). So a member
+    of a pack and the same job run alone produce the same numbers, and a packed job resumes like a single one.
+    Jobs with the same data config share one copy of the data on the device.
+
+    Returns one entry per job: its summary, or the exception that ended it (a member that fails, e.g. diverges,
+    stops alone and the others go on). A signal (SIGTERM / SIGINT) checkpoints every member at its current step
+    and raises :class:`RunInterrupted` for the whole pack.
+    """
+    results: list[dict[str, Any] | BaseException | None] = [None] * len(jobs)
+    data_cache: dict[str, Any] = {}
+    members: list[Member] = []
+    for i, job in enumerate(jobs):
+        try:
+            members.append(open_member(i, job, data_cache))
+        except Exception as e:  # noqa: BLE001 - a bad checkpoint, data or config fails its own job only
+            results[i] = e
+    exit_code = 1
+    with GracefulStop() as stop:
+        try:
+            _loop(members, stop)
+            exit_code = 0
+        except RunInterrupted as e:
+            exit_code = e.exit_code
+            raise
+        finally:
+            for m in members:  # flushes metrics.jsonl and the W&B runs (offline: every record on disk)
+                m.close(0 if m.summary is not None else (1 if m.error is not None else exit_code))
+            teardown_wandb(members)
+            if exit_code not in (0, 1):
+                stop.chain()  # a launcher's own handler (submitit requeues on SIGUSR2), after the checkpoint
+    for m in members:
+        if m.summary is not None:
+            # written last, after the W&B run is complete on disk: a sweep skips runs that have DONE
+            atomic_json(m.summary, m.run_dir / SUMMARY)
+            (m.run_dir / DONE).write_text("finished\n")
+        results[m.index] = m.summary if m.summary is not None else m.error
+    return results  # type: ignore[return-value]
+
+
+def open_member(index: int, job: Job, data_cache: dict[str, Any] | None = None) -> Member:
+    """Everything a job needs before its first step: checks, checkpoint, objects, logger (in that order, so a
+    bad checkpoint is answered before the data loads and nothing in the directory is touched)."""
+    cfg, run_dir = job.cfg, Path(job.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     check_resume(resolved, run_dir)  # before anything is loaded or overwritten
     for tmp in run_dir.glob(".*.tmp"):  # half-written files of a process killed mid-write (we hold the lock)
         tmp.unlink(missing_ok=True)
     ckpt_path = run_dir / CHECKPOINT
-    # read before the data: a bad checkpoint is answered at once, and nothing in the directory is touched
     ckpt = load_checkpoint(ckpt_path, torch.device("cpu")) if ckpt_path.exists() else None
-    run = build(cfg)
-    train_split, val_split, test_split = (run.data.split(s) for s in ("train", "valid", "test"))
+    run = build(cfg, data_cache)
     batch_gen = torch.Generator().manual_seed(int(cfg.seed))  # minibatch indices, on CPU
 
     start, elapsed, resume_lines, div_ref = 0, 0.0, None, None
@@ -265,45 +338,277 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
         mode=lg.mode,
         project=lg.project,
         entity=lg.get("entity"),
-        group=group or lg.get("group") or cfg.get("experiment_name") or f"{model_name}",
+        group=job.group or lg.get("group") or cfg.get("experiment_name") or f"{model_name}",
         job_type=est_name,
         name=f"{model_name}-{est_name}-{cfg.seed}",
         tags=list(lg.get("tags") or []),
         resume_lines=resume_lines,
         init_timeout=float(lg.get("init_timeout") or 15.0),
     )
-    exit_code = 1
-    with GracefulStop() as stop:
-        try:
-            summary = _loop(
-                cfg,
-                run,
-                logger,
-                train_split,
-                val_split,
-                test_split,
-                batch_gen,
-                start,
-                elapsed,
-                run_dir,
-                stop,
-                div_ref,
+    return Member(index, job, run, logger, batch_gen, start, elapsed, div_ref)
+
+
+class Member:
+    """One job being trained (alone, or as one member of a pack): its objects, files, RNG state and progress."""
+
+    def __init__(self, index, job, run, logger, batch_gen, start, elapsed, div_ref):
+        self.index, self.job, self.cfg, self.run_dir = index, job, job.cfg, Path(job.run_dir)
+        self.run: Run = run
+        self.logger: RunLogger = logger
+        self.train_split, self.val_split, self.test_split = (
+            run.data.split(s) for s in ("train", "valid", "test")
+        )
+        self.batch_gen = batch_gen
+        self.start = self.step = start  # updates done
+        self.steps = int(self.cfg.train.steps)
+        self.elapsed = elapsed  # training seconds of earlier processes, plus this one's turns so far
+        self.watch = DivergenceWatch(float(self.cfg.train.get("divergence_factor") or 0.0), div_ref, self.cfg)
+        self.var_batch: torch.Tensor | None = None
+        self.last_var = float("nan")
+        self.train_elbo = float("nan")
+        self.saved_step = start  # the step of the last checkpoint
+        self.rng = rng_state()  # this member's stream, swapped in for its turns when it shares the process
+        self.summary: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+        self.closed = False
+
+    @property
+    def active(self) -> bool:
+        return self.summary is None and self.error is None
+
+    def fail(self, e: BaseException) -> None:
+        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+            err: BaseException = StorageError(storage_message(e, self.run_dir))
+            err.__cause__ = e
+            e = err
+        self.error = e
+        self.close(1)
+
+    def close(self, exit_code: int) -> None:
+        if not self.closed:
+            self.closed = True
+            self.logger.finish(exit_code, teardown=False)
+
+
+def teardown_wandb(members: list[Member]) -> None:
+    """Wait for W&B's service to write every run's last records (once, after all members finished)."""
+    if any(m.logger.used_wandb for m in members):
+        import wandb
+
+        wandb.teardown()
+
+
+def _loop(members: list[Member], stop: GracefulStop) -> None:
+    """Lock-step rounds over the active members until each has finished (or failed)."""
+    swap = len(members) > 1  # alone, a member keeps the process's RNG: nothing to swap
+    quiet = all(bool(m.cfg.get("quiet", False)) for m in members)
+    first = members[0].cfg if members else None
+    desc = "" if first is None else f"{first.model.name}/{first.estimator.name}"
+    if len(members) > 1:
+        desc = f"pack of {len(members)}: {desc}"
+    bar = tqdm(
+        total=sum(m.steps - m.start for m in members),
+        desc=desc,
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=quiet,
+        unit="step" if len(members) == 1 else "member-step",
+    )
+    active = [m for m in members if m.active]
+    while active:
+        for m in active:
+            with _turn(m, swap):
+                try:
+                    if m.step < m.steps:
+                        _advance(m, stop)
+                        bar.update(1)
+                        if len(members) == 1:
+                            bar.set_postfix(
+                                elbo=f"{m.train_elbo:.2f}", log10_var=f"{m.last_var:.2f}", refresh=False
+                            )
+                    else:
+                        m.summary = _final(m)
+                except Exception as e:  # noqa: BLE001 - this member fails alone; the pack goes on
+                    m.fail(e)
+        active = [m for m in active if m.active]
+        if stop.requested and active:
+            for m in active:  # members that stepped before the signal came: checkpoint where they are
+                with _turn(m, swap):
+                    try:
+                        if m.saved_step != m.step:
+                            _checkpoint(m)
+                    except Exception as e:  # noqa: BLE001
+                        m.fail(e)
+            bar.close()
+            stopped = [m for m in active if m.active]
+            if stopped:
+                where = (
+                    str(stopped[0].run_dir)
+                    if len(members) == 1
+                    else f"the {len(stopped)} unfinished run directories"
+                )
+                raise RunInterrupted(stop.requested, stopped[0].step, where)
+    bar.close()
+
+
+@contextmanager
+def _turn(m: Member, swap: bool):
+    """Run a piece of member ``m``'s work on its own RNG stream (when it shares the process) and clock."""
+    if swap:
+        set_rng_state(m.rng)
+    tick = time.perf_counter()
+    try:
+        yield
+    finally:
+        m.elapsed += time.perf_counter() - tick
+        if swap:
+            m.rng = rng_state()
+
+
+def _advance(m: Member, stop: GracefulStop) -> None:
+    """Member ``m``'s next training step, with the evaluation, variance measurement, logging and
+    checkpoint that fall on it."""
+    cfg, run, logger = m.cfg, m.run, m.logger
+    model, estimator, opt = run.model, run.estimator, run.optimizer
+    t, ev, var_cfg = cfg.train, cfg.eval, cfg.variance
+    step = m.step
+    # --- evaluate (after `step` updates)
+    if step % int(t.eval_every) == 0:
+        val = evaluate(model, m.val_split, int(ev.batch_size), 1, max_examples=t.get("val_examples"))
+        logger.log({"val/elbo": val, "time/elapsed": m.elapsed}, step)
+        if logger.wandb is not None and hasattr(model, "generate"):
+            logger.log_images(
+                "samples", sample_grid(model, int(cfg.seed) + step), step, caption=f"step {step}"
             )
-            exit_code = 0
-        except RunInterrupted as e:
-            exit_code = e.exit_code
-            raise
-        except OSError as e:
-            if e.errno in STORAGE_ERRNOS:
-                raise StorageError(storage_message(e, run_dir)) from e
-            raise
-        finally:
-            logger.finish(exit_code)  # flushes metrics.jsonl and the W&B run (offline: every record on disk)
-            if exit_code not in (0, 1):
-                stop.chain()  # a launcher's own handler (submitit requeues on SIGUSR2), after the checkpoint
-    # written last, after the W&B run is complete on disk: a sweep skips runs that have DONE
-    atomic_json(summary, run_dir / SUMMARY)
-    (run_dir / DONE).write_text("finished\n")
+    # --- gradient variance at these parameters, on one fixed minibatch
+    if int(var_cfg.every) > 0 and step % int(var_cfg.every) == 0:
+        if m.var_batch is None:
+            m.var_batch = m.train_split.sample_batch(
+                int(var_cfg.batch_size), torch.Generator().manual_seed(int(cfg.seed) + 1)
+            )
+        metrics = {}
+        for name, est in run.measured(cfg.estimator.name).items():
+            stats = gradient_variance(model, est, m.var_batch, int(var_cfg.samples), seed=step)
+            metrics.update({f"grad/{name}/{k}": v for k, v in stats.items()})
+        if run.reference is not None:  # bias against the unbiased reference (runners/trajectory.py)
+            metrics.update(
+                bias_metrics(
+                    model,
+                    run.measured(cfg.estimator.name),
+                    m.var_batch,
+                    int(var_cfg.samples),
+                    run.reference,
+                    int(var_cfg.bias.samples),
+                    seed=step,
+                )
+            )
+        m.last_var = metrics.get(f"grad/{cfg.estimator.name}/log10_var", float("nan"))
+        logger.log(metrics, step)
+    # --- one step
+    x = m.train_split.sample_batch(int(t.batch_size), m.batch_gen)  # [B, X]
+    est = estimator(model.cost_fn(x), model.context(x))
+    opt.zero_grad(set_to_none=True)
+    est.surrogate.backward()
+    opt.step()
+    estimator.step += 1
+    if run.basket:
+        follow_trajectory(run, model, x)
+    done = m.step = step + 1
+    m.watch.add(est.cost, done)  # on the device: no host synchronisation here
+    log_now = done % int(t.log_every) == 0
+    ckpt_now = done % int(t.checkpoint_every) == 0 or done == m.steps or bool(stop.requested)
+    if log_now or ckpt_now:
+        # the only host synchronisation of the step, and never a checkpoint of a diverged model
+        m.train_elbo = -m.watch.check(done)
+    if log_now:
+        logger.log(
+            {
+                "train/elbo": m.train_elbo,
+                **{f"train/{k}": v for k, v in est.diagnostics.items()},
+                "time/elapsed": m.elapsed,
+            },
+            done,
+        )
+    if ckpt_now:
+        _checkpoint(m, checked=True)
+
+
+def _checkpoint(m: Member, checked: bool = False) -> None:
+    """Save member ``m`` at its current step (the divergence watch is read first unless it just was)."""
+    if not checked:
+        m.train_elbo = -m.watch.check(m.step)
+    save_checkpoint(
+        m.run_dir / CHECKPOINT, m.run, m.step, m.batch_gen, m.logger, m.elapsed, m.watch.reference
+    )
+    m.saved_step = m.step
+
+
+def _final(m: Member) -> dict[str, Any]:
+    """The final evaluation of member ``m`` (after its last step): validation, test ELBO and bound, plots."""
+    cfg, model, logger = m.cfg, m.run.model, m.logger
+    steps, elapsed, quiet = m.steps, m.elapsed, bool(cfg.get("quiet", False))
+    t, ev = cfg.train, cfg.eval
+    bs, mm = int(ev.batch_size), int(ev.samples)
+    limit = ev.get("test_examples")
+    result = {
+        "val/elbo": evaluate(model, m.val_split, bs, 1, max_examples=t.get("val_examples")),
+        "test/elbo": evaluate(model, m.test_split, bs, 1, max_examples=limit),
+        f"test/bound_{mm}": evaluate(
+            model,
+            m.test_split,
+            bs,
+            mm,
+            int(ev.chunk),
+            max_examples=limit,
+            progress=None if quiet else f"test bound (m={mm})",
+        ),
+    }
+    if hasattr(model, "kl_to_target"):  # SVI of a target with a known normaliser (models/mixture_svi.py)
+        result["test/kl_to_target"] = float(model.kl_to_target())
+    bad = {k: v for k, v in result.items() if not math.isfinite(v)}
+    if bad:
+        raise Diverged(
+            f"the final evaluation is not finite ({', '.join(f'{k}={v}' for k, v in bad.items())}): the model "
+            f"diverged; lower optim.lr (now {cfg.optim.lr}) and run again in a new directory"
+        )
+    logger.log(result, steps)
+    if hasattr(model, "plot") and getattr(model, "latent_dim", 2) == 2:  # 2-D: target and fitted density
+        path = model.plot(m.run_dir / "density.png")
+        logger.log_images("density", str(path), steps, caption="target and fitted density")
+    columns = ["model", "estimator", "seed", "steps", "test/elbo", f"test/bound_{mm}", "train_seconds"]
+    logger.log_table(
+        "test/table",
+        columns,
+        [
+            [
+                cfg.model.name,
+                cfg.estimator.name,
+                int(cfg.seed),
+                steps,
+                result["test/elbo"],
+                result[f"test/bound_{mm}"],
+                elapsed,
+            ]
+        ],
+        steps,
+    )
+    if hasattr(model, "generate"):
+        grid = sample_grid(model, int(cfg.seed) + steps)
+        save_png(grid, m.run_dir / SAMPLES_PNG)
+        logger.log_images("samples", grid, steps, caption=f"step {steps}")
+    summary = {
+        "model": cfg.model.name,
+        "estimator": cfg.estimator.name,
+        "seed": int(cfg.seed),
+        "steps": steps,
+        "train/elbo": m.train_elbo,
+        **result,
+        "eval_samples": mm,
+        "train_seconds": elapsed,
+        "run_dir": str(m.run_dir),
+        "wandb_sync": logger.sync_command(),
+    }
+    logger.summary(summary)
     return summary
 
 
@@ -356,178 +661,6 @@ def storage_message(e: OSError, run_dir: Path) -> str:
         f"cannot write {where}: {what}. Free space (or fix permissions) there, or give the run another "
         f"directory (hydra.run.dir=...); the last checkpoint in {run_dir} is intact and the same command resumes from it"
     )
-
-
-def _loop(
-    cfg,
-    run: Run,
-    logger: RunLogger,
-    train_split,
-    val_split,
-    test_split,
-    batch_gen,
-    start: int,
-    elapsed: float,
-    run_dir: Path,
-    stop: GracefulStop,
-    div_ref: float | None = None,
-) -> dict[str, Any]:
-    model, estimator, opt = run.model, run.estimator, run.optimizer
-    t, ev, var_cfg = cfg.train, cfg.eval, cfg.variance
-    steps = int(t.steps)
-    var_batch = None
-    last_var = float("nan")
-    quiet = bool(cfg.get("quiet", False))
-    bar = tqdm(
-        range(start, steps),
-        initial=start,
-        total=steps,
-        desc=f"{cfg.model.name}/{cfg.estimator.name}",
-        dynamic_ncols=True,
-        mininterval=1.0,
-        disable=quiet,
-    )
-    watch = DivergenceWatch(float(t.get("divergence_factor") or 0.0), div_ref, cfg)
-    tick = time.perf_counter()
-    train_elbo = float("nan")
-    for step in bar:
-        # --- evaluate (after `step` updates)
-        if step % int(t.eval_every) == 0:
-            val = evaluate(model, val_split, int(ev.batch_size), 1, max_examples=t.get("val_examples"))
-            logger.log({"val/elbo": val, "time/elapsed": elapsed + time.perf_counter() - tick}, step)
-            if logger.wandb is not None and hasattr(model, "generate"):
-                logger.log_images(
-                    "samples", sample_grid(model, int(cfg.seed) + step), step, caption=f"step {step}"
-                )
-        # --- gradient variance at these parameters, on one fixed minibatch
-        if int(var_cfg.every) > 0 and step % int(var_cfg.every) == 0:
-            if var_batch is None:
-                var_batch = train_split.sample_batch(
-                    int(var_cfg.batch_size), torch.Generator().manual_seed(int(cfg.seed) + 1)
-                )
-            metrics = {}
-            for name, est in run.measured(cfg.estimator.name).items():
-                stats = gradient_variance(model, est, var_batch, int(var_cfg.samples), seed=step)
-                metrics.update({f"grad/{name}/{k}": v for k, v in stats.items()})
-            if run.reference is not None:  # bias against the unbiased reference (runners/trajectory.py)
-                metrics.update(
-                    bias_metrics(
-                        model,
-                        run.measured(cfg.estimator.name),
-                        var_batch,
-                        int(var_cfg.samples),
-                        run.reference,
-                        int(var_cfg.bias.samples),
-                        seed=step,
-                    )
-                )
-            last_var = metrics.get(f"grad/{cfg.estimator.name}/log10_var", float("nan"))
-            logger.log(metrics, step)
-        # --- one step
-        x = train_split.sample_batch(int(t.batch_size), batch_gen)  # [B, X]
-        est = estimator(model.cost_fn(x), model.context(x))
-        opt.zero_grad(set_to_none=True)
-        est.surrogate.backward()
-        opt.step()
-        estimator.step += 1
-        if run.basket:
-            follow_trajectory(run, model, x)
-        done = step + 1
-        watch.add(est.cost, done)  # on the device: no host synchronisation here
-        log_now = done % int(t.log_every) == 0
-        ckpt_now = done % int(t.checkpoint_every) == 0 or done == steps or bool(stop.requested)
-        if log_now or ckpt_now:
-            # the only host synchronisation of the step, and never a checkpoint of a diverged model
-            train_elbo = -watch.check(done)
-        if log_now:
-            logger.log(
-                {
-                    "train/elbo": train_elbo,
-                    **{f"train/{k}": v for k, v in est.diagnostics.items()},
-                    "time/elapsed": elapsed + time.perf_counter() - tick,
-                },
-                done,
-            )
-            bar.set_postfix(elbo=f"{train_elbo:.2f}", log10_var=f"{last_var:.2f}", refresh=False)
-        if ckpt_now:
-            save_checkpoint(
-                run_dir / CHECKPOINT,
-                run,
-                done,
-                batch_gen,
-                logger,
-                elapsed + time.perf_counter() - tick,
-                watch.reference,
-            )
-            if stop.requested and done < steps:
-                bar.close()
-                raise RunInterrupted(stop.requested, done, str(run_dir))
-    bar.close()
-    elapsed += time.perf_counter() - tick
-
-    # --- final evaluation
-    bs, m = int(ev.batch_size), int(ev.samples)
-    limit = ev.get("test_examples")
-    result = {
-        "val/elbo": evaluate(model, val_split, bs, 1, max_examples=t.get("val_examples")),
-        "test/elbo": evaluate(model, test_split, bs, 1, max_examples=limit),
-        f"test/bound_{m}": evaluate(
-            model,
-            test_split,
-            bs,
-            m,
-            int(ev.chunk),
-            max_examples=limit,
-            progress=None if quiet else f"test bound (m={m})",
-        ),
-    }
-    if hasattr(model, "kl_to_target"):  # SVI of a target with a known normaliser (models/mixture_svi.py)
-        result["test/kl_to_target"] = float(model.kl_to_target())
-    bad = {k: v for k, v in result.items() if not math.isfinite(v)}
-    if bad:
-        raise Diverged(
-            f"the final evaluation is not finite ({', '.join(f'{k}={v}' for k, v in bad.items())}): the model "
-            f"diverged; lower optim.lr (now {cfg.optim.lr}) and run again in a new directory"
-        )
-    logger.log(result, steps)
-    if hasattr(model, "plot") and getattr(model, "latent_dim", 2) == 2:  # 2-D: target and fitted density
-        path = model.plot(run_dir / "density.png")
-        logger.log_images("density", str(path), steps, caption="target and fitted density")
-    columns = ["model", "estimator", "seed", "steps", "test/elbo", f"test/bound_{m}", "train_seconds"]
-    logger.log_table(
-        "test/table",
-        columns,
-        [
-            [
-                cfg.model.name,
-                cfg.estimator.name,
-                int(cfg.seed),
-                steps,
-                result["test/elbo"],
-                result[f"test/bound_{m}"],
-                elapsed,
-            ]
-        ],
-        steps,
-    )
-    if hasattr(model, "generate"):
-        grid = sample_grid(model, int(cfg.seed) + steps)
-        save_png(grid, run_dir / SAMPLES_PNG)
-        logger.log_images("samples", grid, steps, caption=f"step {steps}")
-    summary = {
-        "model": cfg.model.name,
-        "estimator": cfg.estimator.name,
-        "seed": int(cfg.seed),
-        "steps": steps,
-        "train/elbo": train_elbo,
-        **result,
-        "eval_samples": m,
-        "train_seconds": elapsed,
-        "run_dir": str(run_dir),
-        "wandb_sync": logger.sync_command(),
-    }
-    logger.summary(summary)
-    return summary
 
 
 class DivergenceWatch:

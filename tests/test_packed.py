@@ -1,0 +1,200 @@
+"""Packed runs (runners/pack.py, runners/train.py ``train_pack``): many jobs of a sweep in one process.
+
+What is checked, with the real loop on tiny files (CPU):
+(a) independence: member j's objective has exactly zero gradient with respect to member i's parameters, and
+    member j's steps leave member i's parameters, estimator state and RNG stream bit for bit untouched;
+(b) equivalence: a member of a pack and the same job run alone (a pack of one) log the same metrics;
+(c) a packed sweep killed (SIGTERM) and re-run resumes every member with no repeated and no missing step;
+(d) one member that diverges is stopped and reported in its own error.txt while the others finish;
+and the packed sweep leaves job folders with exactly the files of the basic launcher's, which the report,
+resume and skip read unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from runners.logger import read_metrics
+from tests.test_bad_input import run_py
+from tests.test_robustness import WAIT_S, ckpt_step, n_lines, start, train_steps, wait_for
+
+#: metrics that measure time, not the computation: the only ones allowed to differ
+TIMING = ("time/elapsed",)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(run_dir)]
+
+
+def sweep_args(root: Path, sweep_dir: Path, *extra: str, steps: int = 6) -> list[str]:
+    return [
+        "-m",
+        "hydra/launcher=packed",
+        f"data.root={root}",
+        "data.verify=false",
+        f"train.steps={steps}",
+        "train.batch_size=8",
+        "train.log_every=1",
+        "train.eval_every=3",
+        "eval.samples=3",
+        "eval.batch_size=5",
+        "variance.every=3",
+        "variance.samples=3",
+        "model.layers=[16]",
+        "logger.mode=disabled",
+        "quiet=true",
+        "device=cpu",
+        f"hydra.sweep.dir={sweep_dir}",
+        *extra,
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# (a) + (b) in process
+# ---------------------------------------------------------------------------------------------------
+
+MEMBERS = [  # different seeds, learning rates, estimators with state (moving averages, IDB nets), optimisers
+    ("estimator=nvil", "seed=1", "optim.lr=1e-3"),
+    ("estimator=nvil", "seed=2", "optim.lr=3e-3"),
+    ("estimator=muprop_c", "seed=1", "optim=sgd", "optim.lr=1e-2"),
+    ("estimator=reinforce_ma", "seed=3", "optim.lr=3e-4", "data=mnist_dynamic"),  # fresh pixels from the RNG
+]
+
+
+def test_a_member_of_a_pack_is_its_single_run(tiny_cfg, tmp_path):
+    from runners.train import Job, train, train_pack
+
+    common = ("train.steps=7", "train.eval_every=3", "variance.every=3", "model.layers=[16]")
+    jobs = [Job(tiny_cfg(*common, *m), tmp_path / "pack" / str(i)) for i, m in enumerate(MEMBERS)]
+    results = train_pack(jobs)
+    assert all(isinstance(r, dict) for r in results), results
+    for i, m in enumerate(MEMBERS):
+        alone = train(tiny_cfg(*common, *m), tmp_path / "alone" / str(i))
+        packed = records(jobs[i].run_dir)
+        assert any("grad/" in k for r in packed for k in r) and any("val/elbo" in r for r in packed)
+        assert packed == records(tmp_path / "alone" / str(i)), m  # every metric of every step, exactly
+        for key in ("test/elbo", "test/bound_3", "val/elbo", "train/elbo"):
+            assert results[i][key] == alone[key], (m, key)
+        a = torch.load(jobs[i].run_dir / "checkpoint.pt", weights_only=True)
+        b = torch.load(tmp_path / "alone" / str(i) / "checkpoint.pt", weights_only=True)
+        for k, v in a["model"].items():
+            assert torch.equal(v, b["model"][k]), (m, k)
+
+
+def test_members_are_independent(tiny_cfg, tmp_path):
+    """Member j's objective does not reach member i's parameters; its steps change nothing of member i."""
+    from runners.train import Job, _advance, _turn, open_member
+    from runners.interrupt import GracefulStop
+
+    members = [
+        open_member(i, Job(tiny_cfg(*m, "model.layers=[16]"), tmp_path / str(i)), {})
+        for i, m in enumerate(MEMBERS[:3])
+    ]
+    try:
+        for j, mj in enumerate(members):
+            x = mj.train_split.sample_batch(8, torch.Generator().manual_seed(0))
+            with _turn(mj, swap=True):
+                est = mj.run.estimator(mj.run.model.cost_fn(x), mj.run.model.context(x))
+            for i, mi in enumerate(members):
+                if i == j:
+                    continue
+                params = [*mi.run.model.parameters(), *mi.run.estimator.parameters()]
+                grads = torch.autograd.grad(est.surrogate, params, allow_unused=True, retain_graph=True)
+                assert all(g is None or torch.count_nonzero(g) == 0 for g in grads), (i, j)
+        # steps of members 1 and 2 leave member 0 bit for bit as it was
+        m0 = members[0]
+        before = {k: v.clone() for k, v in {**m0.run.model.state_dict(), **m0.run.estimator.state_dict()}.items()}
+        rng_before = m0.rng["torch"].clone()
+        with GracefulStop() as stop:
+            for m in members[1:]:
+                for _ in range(3):
+                    with _turn(m, swap=True):
+                        _advance(m, stop)
+        after = {**m0.run.model.state_dict(), **m0.run.estimator.state_dict()}
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert torch.equal(rng_before, m0.rng["torch"])
+        assert members[1].step == 3 and m0.step == 0
+    finally:
+        for m in members:
+            m.close(0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the packed launcher, end to end (real processes)
+# ---------------------------------------------------------------------------------------------------
+
+
+def files(run_dir: Path) -> set[str]:
+    return {p.name for p in run_dir.iterdir()} | {f".hydra/{p.name}" for p in (run_dir / ".hydra").iterdir()}
+
+
+@pytest.mark.slow
+def test_packed_sweep_leaves_single_run_folders(tiny_data_root, tmp_path):
+    """One process trains the sweep; each job folder has the files a basic sweep's has, with the same numbers;
+    a re-run skips every finished job; the report reads the folders."""
+    grid = ["estimator=nvil,reinforce_ma", "seed=1,2", "logger.mode=offline"]
+    packed = run_py(sweep_args(tiny_data_root, tmp_path / "packed", *grid))
+    assert packed.returncode == 0, packed.stderr
+    assert "as 2 packed process member group(s)" in packed.stdout + packed.stderr
+    basic = run_py([a for a in sweep_args(tiny_data_root, tmp_path / "basic", *grid) if "launcher" not in a])
+    assert basic.returncode == 0, basic.stderr
+    p_dirs = sorted(d for d in (tmp_path / "packed").iterdir() if d.is_dir())
+    b_dirs = sorted(d for d in (tmp_path / "basic").iterdir() if d.is_dir())
+    assert [d.name for d in p_dirs] == [d.name for d in b_dirs] and len(p_dirs) == 4
+    for p, b in zip(p_dirs, b_dirs):
+        assert files(p) == files(b), (p.name, files(p) ^ files(b))
+        assert records(p) == records(b), p.name
+        sp, sb = (json.loads((d / "summary.json").read_text()) for d in (p, b))
+        assert sp["test/elbo"] == sb["test/elbo"] and sp["wandb_sync"].startswith("wandb sync ")
+    again = run_py(sweep_args(tiny_data_root, tmp_path / "packed", *grid))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("already finished") == 4, again.stdout
+    from runners.report import main as report_main
+
+    report_main([str(tmp_path / "packed"), "--out", str(tmp_path / "report")])
+    assert any((tmp_path / "report").iterdir())
+
+
+@pytest.mark.slow
+def test_packed_sweep_killed_and_rerun_resumes_every_member(tiny_data_root, tmp_path):
+    sweep = tmp_path / "s"
+    args = sweep_args(
+        tiny_data_root, sweep, "estimator=reinforce_ma", "seed=1,2,3", "train.eval_every=100000",
+        "variance.every=0", steps=100_000,
+    )
+    proc = start(args)
+    dirs = lambda: sorted(d for d in sweep.glob("*_s*") if d.is_dir())  # noqa: E731
+    wait_for(lambda: len(dirs()) == 3 and all(n_lines(d) >= 20 for d in dirs()), "20 lines per member", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=WAIT_S)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err, err
+    stopped = {d.name: ckpt_step(d) for d in dirs()}
+    for d in dirs():  # each member checkpointed where it stopped; every step up to there logged once
+        assert train_steps(d) == list(range(1, stopped[d.name] + 1)), d.name
+    total = max(stopped.values()) + 15
+    done = run_py([a if not a.startswith("train.steps=") else f"train.steps={total}" for a in args])
+    assert done.returncode == 0, done.stderr
+    for d in dirs():
+        assert f"resuming from {d / 'checkpoint.pt'} at step {stopped[d.name]}" in done.stdout
+        assert train_steps(d) == list(range(1, total + 1)), d.name  # none lost, none repeated
+        assert (d / "DONE").exists()
+
+
+@pytest.mark.slow
+def test_a_diverging_member_fails_alone(tiny_data_root, tmp_path):
+    sweep = tmp_path / "s"
+    proc = run_py(
+        sweep_args(tiny_data_root, sweep, "estimator=reinforce_ma", "optim.lr=1e-3,10000", "train.log_every=10",
+                   steps=200)
+    )
+    assert proc.returncode == 1, proc.stderr
+    ok, bad = sorted(d for d in sweep.iterdir() if d.is_dir())
+    assert (ok / "DONE").exists() and not (ok / "error.txt").exists()
+    assert not (bad / "DONE").exists() and (bad / "error.txt").read_text().startswith("Diverged")
+    assert "1 job(s) of the sweep" in proc.stderr and bad.name in proc.stderr and ok.name not in proc.stderr
