@@ -11,7 +11,9 @@ are then grouped into packs and each pack is trained by ``runners.jobs.run_jobs`
 skips and failure reports as a single run) and ``runners.train.train_pack`` (the one training loop).
 
 Packs: jobs of the same model, estimator, data and device share a pack (up to ``max_members``); the others go
-into packs of their own, trained one after another. The user never chooses: any sweep can be packed.
+into packs of their own, trained one after another. The user never chooses: any sweep can be packed. With
+``hydra.launcher.n_jobs=N`` each pack is dealt over N worker processes that run side by side (joblib's loky
+workers, as ``hydra/launcher=parallel``; SIGTERM reaches them through run.py): one per core on a CPU.
 
 Mechanism (measured, bench/bench_packed.py): members take their steps in lock step, one after another, each on
 its own RNG stream (swapped in for its turn), with its own model, estimator, optimiser and minibatch generator,
@@ -69,11 +71,15 @@ class PackedLauncherBase(Launcher):
     """Hydra launcher: every job of the sweep in this process, as members of packs (see the module doc).
     Registered by hydra_plugins/packed_launcher/packed_launcher.py."""
 
-    def __init__(self, max_members: int = 256, **_: object) -> None:
+    def __init__(self, max_members: int = 256, n_jobs: int = 1, **_: object) -> None:
         super().__init__()
         if int(max_members) < 1:
-            raise ValueError(f"hydra.launcher.max_members={max_members}: give a positive number of members per pack")
-        self.max_members = int(max_members)
+            raise ValueError(
+                f"hydra.launcher.max_members={max_members}: give a positive number of members per pack"
+            )
+        if int(n_jobs) < 1:
+            raise ValueError(f"hydra.launcher.n_jobs={n_jobs}: give a positive number of packed processes")
+        self.max_members, self.n_jobs = int(max_members), int(n_jobs)
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
 
@@ -102,11 +108,26 @@ class PackedLauncherBase(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         specs = [r.return_value for r in rets]  # a job Hydra could not even set up raises here, as basic does
         groups = packs(specs, self.max_members)
-        log.info(f"Launching {len(specs)} jobs as {len(groups)} packed process member group(s)")
-        for group in groups:
+        if self.n_jobs > 1:  # each pack dealt round-robin over n_jobs processes that run side by side
+            groups = [g[k :: self.n_jobs] for g in groups for k in range(min(self.n_jobs, len(g)))]
+        log.info(
+            f"Launching {len(specs)} jobs as {len(groups)} pack(s)"
+            + (f", {self.n_jobs} at a time in worker processes" if self.n_jobs > 1 else " in this process")
+        )
+        for g, group in enumerate(groups):
             for i in group:
-                log.info(f"\t#{initial_job_idx + i} : {' '.join(filter_overrides(job_overrides[i]))}")
-            outcomes = run_jobs([specs[i] for i in group])
+                log.info(
+                    f"\tpack {g} #{initial_job_idx + i} : {' '.join(filter_overrides(job_overrides[i]))}"
+                )
+        if self.n_jobs > 1:
+            from joblib import Parallel, delayed  # the `launchers` extra, as hydra/launcher=parallel
+
+            results = Parallel(n_jobs=self.n_jobs, backend="loky")(
+                delayed(run_jobs)([specs[i] for i in group]) for group in groups
+            )
+        else:
+            results = (run_jobs([specs[i] for i in group]) for group in groups)
+        for group, outcomes in zip(groups, results):
             for i, outcome in zip(group, outcomes):
                 rets[i].return_value = outcome.value
                 rets[i].status = JobStatus.FAILED if outcome.status == "failed" else JobStatus.COMPLETED

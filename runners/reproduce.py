@@ -1,7 +1,7 @@
 """Reproduce a paper's table through the sweep machinery, and write it beside the paper's numbers.
 
     python -m runners.reproduce muprop_table3 [--rows sbn_1layer,sbn_2layer] [--steps 100000] [--seeds 1,2,3]
-        [--lrs 3e-3,1e-3,3e-4] [--launcher parallel --n-jobs 4] [--data-root DIR] [--out results]
+        [--lrs 3e-3,1e-3,3e-4] [--launcher packed | parallel --n-jobs 4] [--data-root DIR] [--out results]
 
 Each row of the table is one ``python run.py -m experiment=<preset> estimator=... seed=... optim.lr=...`` sweep in
 ``<sweep root>/<table>/<row>`` (``--sweep-root``, default ``outputs/reproduce``). Re-running the same command
@@ -551,7 +551,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=100_000, help="training steps per run (default 100000)")
     ap.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
     ap.add_argument("--lrs", help="comma-separated learning rates (default: the paper's grid)")
-    ap.add_argument("--launcher", default="basic", choices=["basic", "parallel", "slurm", "local"])
+    ap.add_argument(
+        "--launcher",
+        default="basic",
+        choices=["basic", "packed", "parallel", "slurm", "local"],
+        help="packed: each row's jobs of one estimator as members of one process (runners/pack.py)",
+    )
     ap.add_argument("--n-jobs", type=int, default=2, help="jobs at once with --launcher parallel")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per job (OMP_NUM_THREADS)")
     ap.add_argument("--data-root", default=os.environ.get("DATA_ROOT"))

@@ -140,7 +140,7 @@ def test_packed_sweep_leaves_single_run_folders(tiny_data_root, tmp_path):
     grid = ["estimator=nvil,reinforce_ma", "seed=1,2", "logger.mode=offline"]
     packed = run_py(sweep_args(tiny_data_root, tmp_path / "packed", *grid))
     assert packed.returncode == 0, packed.stderr
-    assert "as 2 packed process member group(s)" in packed.stdout + packed.stderr
+    assert "Launching 4 jobs as 2 pack(s) in this process" in packed.stdout + packed.stderr
     basic = run_py([a for a in sweep_args(tiny_data_root, tmp_path / "basic", *grid) if "launcher" not in a])
     assert basic.returncode == 0, basic.stderr
     p_dirs = sorted(d for d in (tmp_path / "packed").iterdir() if d.is_dir())
@@ -188,11 +188,13 @@ def test_packed_sweep_killed_and_rerun_resumes_every_member(tiny_data_root, tmp_
 
 @pytest.mark.slow
 def test_a_diverging_member_fails_alone(tiny_data_root, tmp_path):
+    """... also when the pack is dealt over two worker processes side by side (hydra.launcher.n_jobs=2)."""
     sweep = tmp_path / "s"
     proc = run_py(
         sweep_args(tiny_data_root, sweep, "estimator=reinforce_ma", "optim.lr=1e-3,10000", "train.log_every=10",
-                   steps=200)
+                   "hydra.launcher.n_jobs=2", steps=200)
     )
+    assert "Launching 2 jobs as 2 pack(s), 2 at a time in worker processes" in proc.stdout + proc.stderr
     assert proc.returncode == 1, proc.stderr
     ok, bad = sorted(d for d in sweep.iterdir() if d.is_dir())
     assert (ok / "DONE").exists() and not (ok / "error.txt").exists()

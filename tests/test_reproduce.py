@@ -12,10 +12,12 @@ from runners import reproduce
 pytestmark = pytest.mark.slow
 
 
-def test_reproduce_writes_both_columns_and_resumes(tiny_data_root, tmp_path, capsys):
+@pytest.mark.parametrize("launcher", ["basic", "packed"])
+def test_reproduce_writes_both_columns_and_resumes(tiny_data_root, tmp_path, capsys, launcher):
     sweeps, out = tmp_path / "sweeps", tmp_path / "results"
     argv = [
         "muprop_table3",
+        "--launcher", launcher,
         "--rows", "sbn_1layer",
         "--estimators", "st,darn",
         "--steps", "4",
