@@ -59,7 +59,10 @@ class GumbelSoftmax(Estimator):
         self.anneal_rate, self.straight_through = float(anneal_rate), bool(straight_through)
 
     def current_temperature(self) -> float:
-        """tau = max(min_temperature, temperature * exp(-anneal_rate * step))."""
+        """tau = max(min_temperature, temperature * exp(-anneal_rate * step)); without annealing the step
+        (a device tensor) is not read: no host synchronisation in the step."""
+        if self.anneal_rate == 0:
+            return self.temperature
         return max(self.min_temperature, self.temperature * math.exp(-self.anneal_rate * float(self.step)))
 
     def forward(self, cost_fn: CostFn, context: Tensor | None = None) -> Estimate:

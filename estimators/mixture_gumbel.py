@@ -62,8 +62,9 @@ class MixtureGumbel(Estimator):
         self.hard = bool(hard)
 
     def current_temperature(self) -> float:
-        tau = self.temperature * math.exp(-self.anneal_rate * int(self.step))
-        return max(self.min_temperature, tau) if self.anneal_rate > 0 else self.temperature
+        if self.anneal_rate == 0:  # the step (a device tensor) is not read: no host synchronisation
+            return self.temperature
+        return max(self.min_temperature, self.temperature * math.exp(-self.anneal_rate * int(self.step)))
 
     def forward(self, cost_fn: CostFn, context: Tensor | None = None) -> Estimate:
         tau = self.current_temperature()

@@ -54,7 +54,10 @@ class StraightThrough(Estimator):
         self.slope, self.slope_rate, self.max_slope = float(slope), float(slope_rate), float(max_slope)
 
     def current_slope(self) -> float:
-        """a = min(max_slope, slope + slope_rate * step)."""
+        """a = min(max_slope, slope + slope_rate * step); without a schedule the step (a device tensor) is not
+        read: no host synchronisation in the step."""
+        if self.slope_rate == 0:
+            return self.slope
         return min(self.max_slope, self.slope + self.slope_rate * float(self.step))
 
     def forward(self, cost_fn: CostFn, context: Tensor | None = None) -> Estimate:

@@ -304,7 +304,10 @@ def open_member(index: int, job: Job, data_cache: dict[str, Any] | None = None) 
     ckpt_path = run_dir / CHECKPOINT
     ckpt = load_checkpoint(ckpt_path, torch.device("cpu")) if ckpt_path.exists() else None
     run = build(cfg, data_cache)
-    batch_gen = torch.Generator().manual_seed(int(cfg.seed))  # minibatch indices, on CPU
+    # minibatch indices, drawn where the data lives: on CUDA no index copy (a host sync) per step
+    batch_gen = torch.Generator(device=run.device if run.device.type == "cuda" else "cpu").manual_seed(
+        int(cfg.seed)
+    )
 
     start, elapsed, resume_lines, div_ref = 0, 0.0, None, None
     if ckpt is not None:
