@@ -88,8 +88,8 @@ def test_a_member_of_a_pack_is_its_single_run(tiny_cfg, tmp_path):
 
 def test_members_are_independent(tiny_cfg, tmp_path):
     """Member j's objective does not reach member i's parameters; its steps change nothing of member i."""
-    from runners.train import Job, _advance, _turn, open_member
     from runners.interrupt import GracefulStop
+    from runners.train import Job, _advance, _turn, open_member
 
     members = [
         open_member(i, Job(tiny_cfg(*m, "model.layers=[16]"), tmp_path / str(i)), {})
@@ -108,7 +108,9 @@ def test_members_are_independent(tiny_cfg, tmp_path):
                 assert all(g is None or torch.count_nonzero(g) == 0 for g in grads), (i, j)
         # steps of members 1 and 2 leave member 0 bit for bit as it was
         m0 = members[0]
-        before = {k: v.clone() for k, v in {**m0.run.model.state_dict(), **m0.run.estimator.state_dict()}.items()}
+        before = {
+            k: v.clone() for k, v in {**m0.run.model.state_dict(), **m0.run.estimator.state_dict()}.items()
+        }
         rng_before = m0.rng["torch"].clone()
         with GracefulStop() as stop:
             for m in members[1:]:
@@ -161,22 +163,40 @@ def test_packed_sweep_leaves_single_run_folders(tiny_data_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_packed_sweep_killed_and_rerun_resumes_every_member(tiny_data_root, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_packed_sweep_killed_and_rerun_resumes_every_member(tiny_data_root, tmp_path, sig):
+    """SIGTERM: every member checkpoints where it is; SIGKILL: each member goes back to its last periodic
+    checkpoint. Either way the re-run resumes every member with no repeated and no missing step."""
     sweep = tmp_path / "s"
     args = sweep_args(
-        tiny_data_root, sweep, "estimator=reinforce_ma", "seed=1,2,3", "train.eval_every=100000",
-        "variance.every=0", steps=100_000,
+        tiny_data_root,
+        sweep,
+        "estimator=reinforce_ma",
+        "seed=1,2,3",
+        "train.eval_every=100000",
+        "train.checkpoint_every=7",
+        "variance.every=0",
+        steps=100_000,
     )
     proc = start(args)
     dirs = lambda: sorted(d for d in sweep.glob("*_s*") if d.is_dir())  # noqa: E731
     wait_for(lambda: len(dirs()) == 3 and all(n_lines(d) >= 20 for d in dirs()), "20 lines per member", proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=WAIT_S)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "interrupted by SIGTERM" in err and "Traceback" not in err, err
+    assert proc.returncode in (128 + sig, -sig), err
+    if sig == signal.SIGTERM:
+        assert "interrupted by SIGTERM" in err and "Traceback" not in err, err
     stopped = {d.name: ckpt_step(d) for d in dirs()}
-    for d in dirs():  # each member checkpointed where it stopped; every step up to there logged once
-        assert train_steps(d) == list(range(1, stopped[d.name] + 1)), d.name
+    for d in dirs():
+        assert not (d / "DONE").exists()
+        if (
+            sig == signal.SIGTERM
+        ):  # each member checkpointed where it stopped; every step up to there logged once
+            assert train_steps(d) == list(range(1, stopped[d.name] + 1)), d.name
+        else:  # killed between checkpoints: the lines after the last checkpoint are cut on resume
+            assert stopped[d.name] % 7 == 0 and train_steps(d)[: stopped[d.name]] == list(
+                range(1, stopped[d.name] + 1)
+            )
     total = max(stopped.values()) + 15
     done = run_py([a if not a.startswith("train.steps=") else f"train.steps={total}" for a in args])
     assert done.returncode == 0, done.stderr
@@ -191,8 +211,15 @@ def test_a_diverging_member_fails_alone(tiny_data_root, tmp_path):
     """... also when the pack is dealt over two worker processes side by side (hydra.launcher.n_jobs=2)."""
     sweep = tmp_path / "s"
     proc = run_py(
-        sweep_args(tiny_data_root, sweep, "estimator=reinforce_ma", "optim.lr=1e-3,10000", "train.log_every=10",
-                   "hydra.launcher.n_jobs=2", steps=200)
+        sweep_args(
+            tiny_data_root,
+            sweep,
+            "estimator=reinforce_ma",
+            "optim.lr=1e-3,10000",
+            "train.log_every=10",
+            "hydra.launcher.n_jobs=2",
+            steps=200,
+        )
     )
     assert "Launching 2 jobs as 2 pack(s), 2 at a time in worker processes" in proc.stdout + proc.stderr
     assert proc.returncode == 1, proc.stderr
@@ -200,3 +227,31 @@ def test_a_diverging_member_fails_alone(tiny_data_root, tmp_path):
     assert (ok / "DONE").exists() and not (ok / "error.txt").exists()
     assert not (bad / "DONE").exists() and (bad / "error.txt").read_text().startswith("Diverged")
     assert "1 job(s) of the sweep" in proc.stderr and bad.name in proc.stderr and ok.name not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_member_with_a_bad_checkpoint_or_a_busy_folder_fails_alone(tiny_data_root, tmp_path):
+    """One member's corrupt checkpoint, another's folder held by a running process: those two fail with one
+    line each (nothing written into the busy folder), the third member trains to the end."""
+    from runners.lock import RunLock
+
+    sweep = tmp_path / "s"
+    args = sweep_args(tiny_data_root, sweep, "estimator=reinforce_ma", "seed=1,2,3", steps=4)
+    first = run_py(args)
+    assert first.returncode == 0, first.stderr
+    jobs = sorted(d for d in sweep.iterdir() if d.is_dir())
+    for d in jobs:
+        (d / "DONE").unlink()
+    (jobs[0] / "checkpoint.pt").write_bytes(b"garbage")
+    busy = RunLock(jobs[1])
+    busy.acquire()
+    before = sorted(p.name for p in jobs[1].iterdir())
+    try:
+        again = run_py([a.replace("train.steps=4", "train.steps=6") for a in args])
+    finally:
+        busy.release()
+    assert again.returncode == 1, again.stderr
+    # the busy folder's job says so on stderr (its folder has no error.txt: nothing is written into it)
+    assert "cannot resume from" in (jobs[0] / "error.txt").read_text().splitlines()[0]
+    assert "in use by pid" in again.stderr and sorted(p.name for p in jobs[1].iterdir()) == before
+    assert (jobs[2] / "DONE").exists() and train_steps(jobs[2]) == list(range(1, 7))
