@@ -56,7 +56,8 @@ def main() -> None:
             ]  # fmt: skip
             if a.packed:
                 seeds = ",".join(str(trial * a.packed + i + 1) for i in range(a.packed))
-                cmd += ["-m", "hydra/launcher=packed", f"seed={seeds}", f"hydra.sweep.dir={run_dir}"]
+                cmd[2:2] = ["-m"]  # before the overrides (argparse)
+                cmd += ["hydra/launcher=packed", f"seed={seeds}", f"hydra.sweep.dir={run_dir}"]
             else:
                 cmd += [f"seed={trial}", f"hydra.run.dir={run_dir}"]
             sent = []
