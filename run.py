@@ -65,8 +65,10 @@ def precheck(argv: list[str]) -> None:
 
 
 class SweepSignals:
-    """In the process that runs a parallel (joblib) sweep: pass SIGTERM on to the worker processes, which
-    save a checkpoint and stop (a terminal's Ctrl-C reaches them by itself), then exit 128 + signal."""
+    """In the process that runs a sweep: with worker processes (parallel launcher, packed with n_jobs > 1) pass
+    SIGTERM on to them, which save a checkpoint and stop (a terminal's Ctrl-C reaches them by itself), then exit
+    128 + signal; without workers, a SIGTERM outside training (start-up, between jobs) stops the sweep at once
+    (inside training the job's own handler checkpoints first)."""
 
     def __init__(self) -> None:
         self.received = 0
@@ -75,8 +77,16 @@ class SweepSignals:
         signal.signal(signal.SIGTERM, self._forward)
 
     def _forward(self, signum, frame) -> None:
+        pids = worker_pids(os.getpid())
+        if not pids:
+            # no workers: the jobs run in this process (basic or packed launcher), and a training job has its own
+            # handler (runners/interrupt.py), so the signal came between jobs or during start-up, where no
+            # checkpoint is due: stop now, as a single run would (finished jobs keep their DONE)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.received = signum
-        for pid in worker_pids(os.getpid()):
+        for pid in pids:
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:

@@ -255,3 +255,20 @@ def test_a_member_with_a_bad_checkpoint_or_a_busy_folder_fails_alone(tiny_data_r
     assert "cannot resume from" in (jobs[0] / "error.txt").read_text().splitlines()[0]
     assert "in use by pid" in again.stderr and sorted(p.name for p in jobs[1].iterdir()) == before
     assert (jobs[2] / "DONE").exists() and train_steps(jobs[2]) == list(range(1, 7))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["basic", "packed"])
+def test_sigterm_during_a_sweeps_start_up_stops_it(tiny_data_root, tmp_path, launcher):
+    """A SIGTERM that lands before training starts (imports, data, W&B) stops an in-process sweep at once; it is
+    not held back until the sweep ends."""
+    sweep = tmp_path / "s"
+    args = sweep_args(tiny_data_root, sweep, "estimator=reinforce_ma", "seed=1,2", steps=100_000)
+    if launcher == "basic":
+        args = [a for a in args if "launcher" not in a]
+    proc = start(args)
+    wait_for(lambda: any(sweep.glob("*/.hydra")), "a job folder", proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=WAIT_S)  # would time out if the signal were held until the end
+    assert proc.returncode in (128 + signal.SIGTERM, -signal.SIGTERM)
+    assert not any(sweep.glob("*/DONE"))
