@@ -92,6 +92,8 @@ class SweepSignals:
             except ProcessLookupError:
                 pass
 
+    _forward.not_chained = True  # a run that stopped on the signal does not call this (runners/interrupt.py)
+
 
 def worker_pids(parent: int) -> list[int]:
     """Child processes of ``parent`` that are joblib/loky workers (not W&B's service), from /proc."""

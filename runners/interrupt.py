@@ -40,8 +40,13 @@ class RunInterrupted(Exception):
 
 
 def _chainable(handler: Any) -> bool:
-    """A Python handler someone else installed (a launcher's), as opposed to SIG_DFL / SIG_IGN / None."""
-    return callable(handler) and handler not in (signal.default_int_handler,)
+    """A Python handler someone else installed (a launcher's), as opposed to SIG_DFL / SIG_IGN / None, or a
+    handler that asks not to be chained (``not_chained``: run.py's sweep handler, which stops the process)."""
+    return (
+        callable(handler)
+        and handler not in (signal.default_int_handler,)
+        and not getattr(handler, "not_chained", False)
+    )
 
 
 class GracefulStop:

@@ -185,6 +185,7 @@ def test_packed_sweep_killed_and_rerun_resumes_every_member(tiny_data_root, tmp_
     _, err = proc.communicate(timeout=WAIT_S)
     assert proc.returncode in (128 + sig, -sig), err
     if sig == signal.SIGTERM:
+        assert proc.returncode == 128 + sig, (proc.returncode, err)
         assert "interrupted by SIGTERM" in err and "Traceback" not in err, err
     stopped = {d.name: ckpt_step(d) for d in dirs()}
     for d in dirs():
