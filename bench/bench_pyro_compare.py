@@ -21,17 +21,10 @@ import os
 import sys
 
 import torch
-from torch.distributions import Normal
-from torch.utils import benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from estimators.mixture_dist import DiagNormalMixture  # noqa: E402
-
-
-def median_ms(fn, min_run_time: float) -> float:
-    fn()  # warm-up
-    return 1e3 * benchmark.Timer("f()", globals={"f": fn}).blocked_autorange(min_run_time=min_run_time).median
+from bench.mixture_peers import Case, median_ms  # noqa: E402
 
 
 def main() -> None:
@@ -56,27 +49,16 @@ def main() -> None:
     )
     print(f"{'K':>4}{'D':>5}{'ours':>10}{'pyro':>10}{'normal':>9}{'ours/pyro':>11}{'ours/normal':>13}")
     for k, d in grid:
-        logits = torch.randn(k, requires_grad=True)  # [K]
-        loc = torch.randn(k, d, requires_grad=True)  # [K, D]
-        scale = (0.5 + torch.rand(k, d)).requires_grad_(True)  # [K, D]
-        loc1 = loc[0].detach().clone().requires_grad_()  # [D]
-        scale1 = scale[0].detach().clone().requires_grad_()  # [D]
-
-        def ours(logits=logits, loc=loc, scale=scale):  # bound now: timed in this iteration
-            x = DiagNormalMixture(logits, loc, scale).rsample((b,))  # [B, D]
-            torch.autograd.grad(x.square().sum(), [logits, loc, scale])
+        case = Case(k, d, b)
+        logits, loc, scale = case.params
 
         def pyro(logits=logits, loc=loc, scale=scale):
             x = MixtureOfDiagNormals(loc, scale, logits).rsample((b,))  # [B, D]
             torch.autograd.grad(x.square().sum(), [logits, loc, scale])
 
-        def normal(loc1=loc1, scale1=scale1):
-            x = Normal(loc1, scale1).rsample((b,))  # [B, D]
-            torch.autograd.grad(x.square().sum(), [loc1, scale1])
-
-        t_ours = median_ms(ours, args.min_run_time)
+        t_ours = median_ms(case.ours, args.min_run_time)
         t_pyro = median_ms(pyro, args.min_run_time) if k >= 2 else float("nan")
-        t_normal = median_ms(normal, args.min_run_time)
+        t_normal = median_ms(case.floor, args.min_run_time)
         pyro_txt = f"{t_pyro:>10.3f}" if t_pyro == t_pyro else f"{'-':>10}"
         ratio_txt = f"{t_ours / t_pyro:>11.2f}" if t_pyro == t_pyro else f"{'-':>11}"
         print(

@@ -51,12 +51,10 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.distributions import Normal  # noqa: E402
-from torch.utils import benchmark  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from estimators.mixture_dist import DiagNormalMixture  # noqa: E402
+from bench.mixture_peers import Case, median_ms  # noqa: E402
 
 GRID = [(k, d) for d in (1, 2, 16, 128, 512) for k in (1, 2, 10, 100)] + [
     (10, 2),
@@ -65,11 +63,6 @@ GRID = [(k, d) for d in (1, 2, 16, 128, 512) for k in (1, 2, 10, 100)] + [
     (50, 16),
     (2, 128),
 ]
-
-
-def median_ms(fn, min_run_time: float) -> float:
-    fn()  # warm-up
-    return 1e3 * benchmark.Timer("f()", globals={"f": fn}).blocked_autorange(min_run_time=min_run_time).median
 
 
 def jax_median_ms(fn, args, min_run_time: float) -> tuple[float, float, float]:
@@ -157,22 +150,10 @@ def main() -> None:
     notes = []
     cpu_ratios = []
     for k, d in grid:
-        logits = torch.randn(k, requires_grad=True)  # [K]
-        loc = torch.randn(k, d, requires_grad=True)  # [K, D]
-        scale = (0.5 + torch.rand(k, d)).requires_grad_(True)  # [K, D]
-        loc1 = loc[0].detach().clone().requires_grad_()  # [D]
-        scale1 = scale[0].detach().clone().requires_grad_()  # [D]
-
-        def ours(logits=logits, loc=loc, scale=scale):  # bound now: timed in this iteration
-            x = DiagNormalMixture(logits, loc, scale).rsample((b,))  # [B, D]
-            torch.autograd.grad(x.square().sum(), [logits, loc, scale])
-
-        def floor(loc1=loc1, scale1=scale1):
-            x = Normal(loc1, scale1).rsample((b,))  # [B, D]
-            torch.autograd.grad(x.square().sum(), [loc1, scale1])
-
-        t_ours = median_ms(ours, args.min_run_time)
-        t_floor = median_ms(floor, args.min_run_time)
+        case = Case(k, d, b)
+        logits, loc, scale = case.params
+        t_ours = median_ms(case.ours, args.min_run_time)
+        t_floor = median_ms(case.floor, args.min_run_time)
 
         jac_gb = 4 * d * b * k * d / 1e9
         t_tfp = first_ms = float("nan")
