@@ -16,7 +16,6 @@ Pyro's class needs K >= 2 (K = 1 is reported for ours and the floor only). Media
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -24,18 +23,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.mixture_peers import Case, median_ms  # noqa: E402
+from bench.mixture_peers import Case, median_ms
+from bench.mixture_peers import parser as peer_parser  # noqa: E402
 
 
 def main() -> None:
     from pyro.distributions import MixtureOfDiagNormals
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--min-run-time", type=float, default=0.2)
-    parser.add_argument("--only", default="", help="K x D configurations, e.g. 10x16,2x128 (default: grid)")
+    parser = peer_parser(__doc__)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     grid = [(k, d) for d in (1, 2, 16, 128, 512) for k in (1, 2, 10, 100)]

@@ -44,7 +44,6 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import argparse  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -54,7 +53,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.mixture_peers import Case, median_ms  # noqa: E402
+from bench.mixture_peers import Case, median_ms
+from bench.mixture_peers import parser as peer_parser  # noqa: E402
 
 GRID = [(k, d) for d in (1, 2, 16, 128, 512) for k in (1, 2, 10, 100)] + [
     (10, 2),
@@ -110,12 +110,7 @@ def make_tfp_grad(b: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--min-run-time", type=float, default=0.2)
-    parser.add_argument("--only", default="", help="K x D configurations, e.g. 10x16,2x128 (default: grid)")
+    parser = peer_parser(__doc__)
     parser.add_argument(
         "--tfp-max-gb",
         type=float,

@@ -4,6 +4,7 @@ plain ``Normal`` rsample + gradient of the same [B, D]), and the median-time hel
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,6 +14,15 @@ from torch.distributions import Normal
 from torch.utils import benchmark
 
 from estimators.mixture_dist import DiagNormalMixture
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options both comparisons take: --threads, --min-run-time, --only (K x D configurations)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--min-run-time", type=float, default=0.2)
+    ap.add_argument("--only", default="", help="K x D configurations, e.g. 10x16,2x128 (default: grid)")
+    return ap
 
 
 def median_ms(fn: Callable[[], object], min_run_time: float) -> float:
