@@ -79,14 +79,23 @@ class Outcome:
     value: Any = None
 
 
+#: where a sweep notes the jobs refused because another process holds their run directory (nothing may be
+#: written into that directory), one file per job, named after it
+REFUSED_DIR = ".refused"
+
+
 def failed_jobs(sweep_dir: Path) -> list[tuple[Path, str]]:
-    """(run dir, one-line error) of the jobs whose ``error.txt`` is newer than the sweep's start."""
+    """(run dir, one-line error) of the jobs whose ``error.txt`` (or refusal note) is newer than the sweep's
+    start."""
     start = (sweep_dir / "multirun.yaml").stat().st_mtime if (sweep_dir / "multirun.yaml").exists() else 0.0
     out = []
     for err in sorted(sweep_dir.glob(f"*/{ERROR_FILE}")):
         if err.stat().st_mtime >= start - 1.0:  # 1 s of slack for coarse file-system clocks
             out.append((err.parent, error_line(err)))
-    return out
+    for note in sorted((sweep_dir / REFUSED_DIR).glob("*.txt")):
+        if note.stat().st_mtime >= start - 1.0:
+            out.append((sweep_dir / note.stem, error_line(note)))
+    return sorted(out)
 
 
 def error_line(path: Path) -> str:
@@ -149,6 +158,9 @@ def _failure(spec: JobSpec, e: BaseException, lock: RunLock) -> Outcome:
     if isinstance(known, RunLocked):  # the directory is another process's: write nothing into it
         print(f"error: {flat(known)}", file=sys.stderr)
         if multirun:
+            note = Path(sweep_dir) / REFUSED_DIR / f"{Path(run_dir).name}.txt"  # for the sweep's summary
+            note.parent.mkdir(parents=True, exist_ok=True)
+            note.write_text(one_line(known) + "\n", encoding="utf-8")
             return Outcome("failed", JobFailed(sweep_dir, str(run_dir), one_line(known)))
         sys.exit(2)
     if not multirun and known is not None and untouched(run_dir):

@@ -252,7 +252,9 @@ def test_a_member_with_a_bad_checkpoint_or_a_busy_folder_fails_alone(tiny_data_r
     finally:
         busy.release()
     assert again.returncode == 1, again.stderr
-    # the busy folder's job says so on stderr (its folder has no error.txt: nothing is written into it)
+    # both are listed in the sweep's summary (the busy folder's job from a note in the sweep folder: nothing is
+    # written into its own)
+    assert "2 job(s) of the sweep" in again.stderr and jobs[1].name in again.stderr, again.stderr
     assert "cannot resume from" in (jobs[0] / "error.txt").read_text().splitlines()[0]
     assert "in use by pid" in again.stderr and sorted(p.name for p in jobs[1].iterdir()) == before
     assert (jobs[2] / "DONE").exists() and train_steps(jobs[2]) == list(range(1, 7))
