@@ -491,6 +491,8 @@ def report(
                 notes.append(f"diverged at lr {', '.join(c.failed)}")
             if c.unfinished:
                 notes.append(f"{c.unfinished} run(s) unfinished")
+            if not c.values and not c.failed and not c.unfinished:
+                notes.append("not run yet (the same command runs it)")
             if paper is None and row.note != GRAVES_NOTE:  # Graves: said once, in the header
                 notes.append(row.note or "no paper number")
             ours = f"{fmt(c.mean)} ± {fmt(c.std)}" if len(c.values) > 1 else fmt(c.mean)
