@@ -35,7 +35,7 @@ timeout 60 $PY bench/bench_mixture.py --quick --device cuda > "$OUT/bench_mixtur
   || log "   bench_mixture.py has no --device cuda run (see its output)"
 log "4/4 a packed training of one Table 3 row on the GPU: SBN 200-784, MuProp-C, 3 seeds x 3 lrs, 150 s budget"
 timeout 150 $PY run.py -m hydra/launcher=packed experiment=muprop_table3_sbn_1layer estimator=muprop_c \
-  seed=1,2,3 optim.lr=3e-3,1e-3,3e-4 train.steps=5000 device=cuda data.root="$DATA" eval.samples=100 \
+  seed=1,2,3 optim.lr=3e-3,1e-3,3e-4 train.steps=3000 device=cuda data.root="$DATA" eval.samples=100 \
   logger.mode=offline quiet=true hydra.sweep.dir="$OUT/train_cuda_packed" > "$OUT/train_cuda.txt" 2>&1
 log "   exit $? ; $(grep -h train_seconds "$OUT"/train_cuda_packed/*/summary.json | head -3 | tr -d '\n')"
 log "finished"
