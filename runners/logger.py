@@ -33,6 +33,12 @@ DONE = "DONE"  # written last: a finished run
 ERROR_FILE = "error.txt"  # the traceback of a failed run (run.py)
 WANDB_MODES = ("offline", "online", "disabled")
 
+# W&B online is decided once per process: after one run found W&B unreachable, the later runs of the
+# process (the other members of a packed process) go offline at once instead of each waiting for the
+# timeout, and no later failure can tear down W&B's service under runs that are already open.
+_online_unreachable = False
+_open_runs = 0  # W&B runs of this process started and not yet finished
+
 
 class RunLogger:
     def __init__(
@@ -49,6 +55,7 @@ class RunLogger:
         resume_lines: int | None = None,
         init_timeout: float = 15.0,
     ):
+        global _online_unreachable, _open_runs
         if mode not in WANDB_MODES:
             raise ValueError(f"logger.mode={mode!r}: choose one of {', '.join(WANDB_MODES)}")
         self.run_dir = Path(run_dir)
@@ -77,6 +84,13 @@ class RunLogger:
                 resume="allow",
                 reinit="create_new",  # members of a packed process each keep their own run
             )
+            if mode == "online" and _online_unreachable:
+                print(
+                    "warning: W&B online was unreachable earlier in this process; logging offline "
+                    "(upload later with the printed wandb sync command)",
+                    file=sys.stderr,
+                )
+                mode = "offline"
             if mode == "offline":
                 self._drop_offline_folders(run_id)
             try:
@@ -94,11 +108,16 @@ class RunLogger:
                     file=sys.stderr,
                 )
                 mode = "offline"
-                wandb.teardown()  # the failed online run still holds its id in W&B's service: start afresh
+                _online_unreachable = True
+                if _open_runs == 0:
+                    # the failed online run still holds its id in W&B's service: start afresh (only when
+                    # no other run of this process is open: teardown would end those runs too)
+                    wandb.teardown()
                 self._drop_offline_folders(run_id)
                 self.run = wandb.init(
                     **kwargs, mode="offline", settings=wandb.Settings(console="off", silent=True)
                 )
+            _open_runs += 1
             self.mode = mode
             self.run.define_metric("step")
             self.run.define_metric("*", step_metric="step")  # plot everything against our own step
@@ -170,10 +189,12 @@ class RunLogger:
     def finish(self, exit_code: int = 0, teardown: bool = True) -> None:
         """Close metrics.jsonl and finish the W&B run. ``teardown=False``: the caller calls ``wandb.teardown()``
         once after finishing every run of the process (a packed process), before anything reads the files."""
+        global _open_runs
         if not self._file.closed:
             self._file.close()
         if self.wandb is not None:
             self.run.finish(exit_code=exit_code)
+            _open_runs -= 1
             # finish() can return before W&B's service has written the last records of an offline run to
             # disk; teardown waits for the service, so the run file is complete when this returns (a reader
             # of the file, DONE written after this, and `wandb sync` all see every record)

@@ -220,6 +220,9 @@ def sweep_command(table: Table, row: Row, args: argparse.Namespace) -> list[str]
         ),
         f"train.steps={args.steps}",
         f"hydra.sweep.dir={sweep_dir(args, row)}",
+        # folders named by the job's values, not its number in the sweep, so that a reproduction re-run
+        # with more seeds, rates or estimators finds the runs it already has (a number would shift)
+        f"hydra.sweep.subdir={JOB_SUBDIR}",
         f"logger.mode={args.logger}",
         "quiet=true",
     ]
@@ -235,6 +238,17 @@ def sweep_command(table: Table, row: Row, args: argparse.Namespace) -> list[str]
         if args.launcher == "parallel":
             cmd.append(f"hydra.launcher.n_jobs={args.n_jobs}")
     return cmd + list(args.override)
+
+
+JOB_SUBDIR = "${model.name}_${estimator.name}_lr${optim.lr}_s${seed}"
+
+
+def row_lrs(table: Table, row: Row, args: argparse.Namespace) -> list[float]:
+    """The learning rates a row is run with: --lrs, else the row's own rate, else the table's grid."""
+    if args.lrs:
+        return args.lrs
+    own = [o.split("=", 1)[1] for o in row.overrides if o.startswith("optim.lr=")]
+    return [float(x) for x in own[-1].split(",")] if own else table.lrs
 
 
 def sweep_dir(args: argparse.Namespace, row: Row) -> Path:
@@ -272,7 +286,10 @@ class Job:
     error: str | None
 
 
-def collect(row_dir: Path, steps: int) -> list[Job]:
+def collect(
+    row_dir: Path, steps: int, seeds: list[int] | None = None, lrs: list[float] | None = None
+) -> list[Job]:
+    """The row's jobs of this budget (and of these seeds and rates, when given) found in its sweep folder."""
     jobs = []
     for d in sorted(p for p in row_dir.glob("*") if p.is_dir() and not p.name.startswith(".")):
         cfg_path = d / "config.yaml" if (d / "config.yaml").exists() else d / ".hydra" / "config.yaml"
@@ -281,6 +298,10 @@ def collect(row_dir: Path, steps: int) -> list[Job]:
         cfg = yaml.safe_load(cfg_path.read_text())
         if int(cfg["train"]["steps"]) != steps:
             continue  # a job of another budget in the same folder: not this reproduction
+        if (seeds is not None and int(cfg["seed"]) not in seeds) or (
+            lrs is not None and not any(math.isclose(float(cfg["optim"]["lr"]), lr) for lr in lrs)
+        ):
+            continue  # another seed or rate than this command's: reported by the command that asks for it
         summary = json.loads((d / "summary.json").read_text()) if (d / "DONE").exists() else None
         error = (d / "error.txt").read_text().splitlines()[0] if (d / "error.txt").exists() else None
         jobs.append(
@@ -462,7 +483,7 @@ def report(
     results: dict[str, dict[str, Cell]] = {}
     train_seconds = 0.0
     for row in rows:
-        jobs = collect(sweep_dir(args, row), args.steps)
+        jobs = collect(sweep_dir(args, row), args.steps, args.seeds, row_lrs(table, row, args))
         train_seconds += sum(float(j.summary.get("train_seconds", 0.0)) for j in jobs if j.summary)
         estimators = args.estimators or list(row.paper)
         results[row.key] = {e: choose(jobs, e, row.metric or table.metric, row.negate) for e in estimators}

@@ -41,8 +41,10 @@ def test_packed_on_cuda_matches_alone(tiny_cfg, tmp_path, estimator):
     """A pack of three on CUDA: each member's CUDA RNG stream is its own (a member logs what it logs alone)."""
     from runners.train import Job, train, train_pack
 
-    cfgs = [tiny_cfg(f"estimator={estimator}", "device=cuda", f"seed={s}", f"optim.lr={lr}")
-            for s, lr in ((1, 1e-3), (2, 3e-3), (3, 1e-4))]
+    cfgs = [
+        tiny_cfg(f"estimator={estimator}", "device=cuda", f"seed={s}", f"optim.lr={lr}")
+        for s, lr in ((1, 1e-3), (2, 3e-3), (3, 1e-4))
+    ]
     results = train_pack([Job(c, tmp_path / "pack" / str(i)) for i, c in enumerate(cfgs)])
     alone = train(cfgs[1], tmp_path / "alone")
     assert isinstance(results[1], dict), results[1]

@@ -275,3 +275,26 @@ def test_sigterm_during_a_sweeps_start_up_stops_it(tiny_data_root, tmp_path, lau
     proc.communicate(timeout=WAIT_S)  # would time out if the signal were held until the end
     assert proc.returncode in (128 + signal.SIGTERM, -signal.SIGTERM)
     assert not any(sweep.glob("*/DONE"))
+
+
+@pytest.mark.slow
+def test_w_and_b_unreachable_sends_the_whole_pack_offline_once(tiny_data_root, tmp_path, monkeypatch):
+    """logger.mode=online without network: the first member waits for the timeout and goes offline, the
+    others go offline at once (one decision per process), and every member's offline run holds its steps."""
+    from runners import wandb_files
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    sweep = tmp_path / "s"
+    proc = run_py(
+        sweep_args(tiny_data_root, sweep, "seed=1,2,3", "logger.mode=online", "logger.init_timeout=5")
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("warning: W&B online did not start") == 1, proc.stderr
+    assert proc.stderr.count("W&B online was unreachable earlier in this process") == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for d in sorted(p for p in sweep.iterdir() if p.is_dir()):
+        (run_file,) = d.glob("wandb/offline-run-*/run-*.wandb")
+        rows = wandb_files.history(wandb_files.read_records(run_file))
+        assert [r["step"] for r in rows if "train/elbo" in r] == list(range(1, 7)), d.name
+        assert (d / "DONE").exists()

@@ -12,7 +12,7 @@ from runners import reproduce
 pytestmark = pytest.mark.slow
 
 
-def test_reproduce_writes_both_columns_and_resumes(tiny_data_root, tmp_path, capsys):
+def test_reproduce_writes_both_columns_and_resumes(tiny_data_root, tmp_path, capfd):
     sweeps, out = tmp_path / "sweeps", tmp_path / "results"
     argv = [
         "muprop_table3",
@@ -46,10 +46,22 @@ def test_reproduce_writes_both_columns_and_resumes(tiny_data_root, tmp_path, cap
     assert len(jobs) == 8  # 2 estimators x 2 seeds x 2 learning rates
     (jobs[0] / "DONE").unlink()
     (jobs[0] / "summary.json").unlink()
-    capsys.readouterr()
+    capfd.readouterr()
     reproduce.main(argv)
     assert (jobs[0] / "DONE").exists()
     assert (out / "muprop_table3.md").read_text().count("| SBN 200-784 |") == 2
+
+    # job folders are named by their values, so a re-run with another seed list finds its finished runs
+    # (a sweep number would have shifted) and the table reports only the seeds asked for
+    assert {p.name for p in jobs} >= {"sbn_st_lr0.001_s1", "sbn_darn_lr0.0003_s2"}
+    capfd.readouterr()
+    reproduce.main([a if a != "1,2" else "2" for a in argv])
+    assert capfd.readouterr().out.count("already finished") == 4
+    assert sorted(p for p in (sweeps / "muprop_table3" / "sbn_1layer").iterdir() if p.is_dir()) == jobs
+    rows = list(
+        csv.DictReader(line for line in (out / "muprop_table3.csv").open() if not line.startswith("#"))
+    )
+    assert rows and all(r["seeds"] == "1" for r in rows)
 
 
 def test_reproduce_through_the_packed_launcher(tiny_data_root, tmp_path):
