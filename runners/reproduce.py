@@ -340,6 +340,9 @@ class Cell:
     failed: list[str]  # lrs whose jobs failed (diverged)
     unfinished: int
     curves: list[list[tuple[int, float]]]
+    bounds: list[float] = field(default_factory=list)  # -test/bound_m per seed (another m than the metric's)
+    bound_m: int | None = None
+    sec_per_step: list[float] = field(default_factory=list)  # training wall time per step, per seed
 
     @property
     def mean(self) -> float:
@@ -369,7 +372,25 @@ def choose(jobs: list[Job], estimator: str, metric: str, negate: bool = True) ->
         return Cell(estimator, None, [], None, failed, unfinished, [])
     lr, val, done = best
     values = [(-1.0 if negate else 1.0) * float(j.summary[metric]) for j in done]
-    return Cell(estimator, lr, values, val, failed, unfinished, [val_curve(j.dir) for j in done])
+    cell = Cell(estimator, lr, values, val, failed, unfinished, [val_curve(j.dir) for j in done])
+    # the importance-weighted bound beside the metric (VAE and SBN rows: m from eval.samples), when it is
+    # another number than the metric itself
+    keys = [k for k in done[0].summary if k.startswith("test/bound_") and k != metric]
+    if keys and all(keys[0] in j.summary for j in done):
+        cell.bound_m = int(keys[0].rsplit("_", 1)[1])
+        cell.bounds = [-float(j.summary[keys[0]]) for j in done]
+    if all("train_seconds" in j.summary for j in done):
+        cell.sec_per_step = [float(j.summary["train_seconds"]) / j.steps for j in done]
+    return cell
+
+
+def mean_std(values: list[float], nd: int = 2) -> str:
+    """``mean ± std`` over seeds (the mean alone for one seed, – for none)."""
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return fmt(values[0], nd)
+    return f"{fmt(statistics.fmean(values), nd)} ± {fmt(statistics.stdev(values), nd)}"
 
 
 def steps_to(curves: list[list[tuple[int, float]]], threshold: float) -> int | None:
@@ -499,8 +520,12 @@ def report(
         f"Metric: {table.metric_name}, lower is better; ours is mean ± std over seeds at the learning rate chosen on the "
         f"validation bound ({table.selection}); Δ = ours − paper.",
         "",
-        "| model | estimator | ours | paper | Δ | lr | seeds | notes |",
-        "|---|---|---|---|---|---|---|---|",
+        "Bound: −(test importance-weighted bound with m samples), nats, mean ± std over the same seeds (– where the "
+        "metric is that bound, or for SVI); ms/step: training wall time per step (this machine, shared: compare within "
+        "one table only).",
+        "",
+        "| model | estimator | ours | paper | Δ | lr | seeds | bound (m) | ms/step | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines, csv_rows = list(header), []
     for row in rows:
@@ -516,11 +541,13 @@ def report(
                 notes.append("not run yet (the same command runs it)")
             if paper is None and row.note != GRAVES_NOTE:  # Graves: said once, in the header
                 notes.append(row.note or "no paper number")
-            ours = f"{fmt(c.mean)} ± {fmt(c.std)}" if len(c.values) > 1 else fmt(c.mean)
+            ours = mean_std(c.values)
+            bound = f"{mean_std(c.bounds)} ({c.bound_m})" if c.bounds else "–"
+            ms = mean_std([1e3 * t for t in c.sec_per_step], 1)
             lines.append(
                 f"| {row.label} | {NAMES.get(e, e)} | {ours} | {fmt(paper, 1)} | "
                 f"{'–' if delta is None else f'{delta:+.2f}'} | {'–' if c.lr is None else f'{c.lr:g}'} | "
-                f"{len(c.values)} | {'; '.join(notes)} |"
+                f"{len(c.values)} | {bound} | {ms} | {'; '.join(notes)} |"
             )
             csv_rows.append(
                 {
@@ -533,6 +560,10 @@ def report(
                     "lr": c.lr,
                     "seeds": len(c.values),
                     "val_bound": c.val,
+                    "bound_m": c.bound_m,
+                    "bound_mean": statistics.fmean(c.bounds) if c.bounds else None,
+                    "bound_std": statistics.stdev(c.bounds) if len(c.bounds) > 1 else None,
+                    "ms_per_step": 1e3 * statistics.fmean(c.sec_per_step) if c.sec_per_step else None,
                     "steps": args.steps,
                     "notes": "; ".join(notes),
                 }

@@ -39,6 +39,11 @@ def test_reproduce_writes_both_columns_and_resumes(tiny_data_root, tmp_path, cap
     )
     assert {r["estimator"] for r in rows} == {"st", "darn"}
     assert all(r["seeds"] == "2" and r["lr"] in ("0.001", "0.0003") for r in rows)
+    # beside the metric: the m = 3 importance-weighted bound (mean ± std over the seeds) and ms per step
+    assert all(
+        r["bound_m"] == "3" and float(r["bound_std"]) >= 0 and float(r["ms_per_step"]) > 0 for r in rows
+    )
+    assert "| bound (m) | ms/step |" in md and " (3) | " in md
     assert (out / "muprop_table3_sbn_1layer.png").exists()
 
     # an interrupted reproduction: one job lost its end (as if killed after its last checkpoint)
