@@ -19,7 +19,9 @@ For issue 8 ("choose the mechanism by measurement"), in one run, for MuProp-C an
 
 Both estimators do what the runner's step does: MuProp-C = mean-field pass + ``autograd.grad`` for f'(z̄) +
 one stochastic pass + centred residual; NVIL = one stochastic pass + moving-average and input-dependent
-baselines + variance normalisation. Prints member-steps/s and packed ÷ separate, measured in one run.
+baselines + variance normalisation. Prints member-steps/s and packed ÷ separate, measured in one run; separate and packed repetitions come in
+pairs, in alternating order, and the ratio is the median (and range) of the per-pair ratios, so that a drifting load on a
+shared machine falls on both alike.
 """
 
 from __future__ import annotations
@@ -257,6 +259,25 @@ def timed(step, reps: int) -> float:
     return statistics.median(times)
 
 
+def paired(step_a, step_b, reps: int) -> tuple[float, float, list[float]]:
+    """Times of a and b in pairs, in the order a b, b a, a b, ... (so that a drifting load and any cost of
+    going first or second fall on both alike): (median time of a, median time of b, time_a / time_b per pair)."""
+    step_a()  # warm-up (allocations, first-call overheads)
+    step_b()
+    ta, tb = [], []
+    for rep in range(reps):
+        order = ((step_a, ta), (step_b, tb))
+        for step, times in order if rep % 2 == 0 else order[::-1]:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb), [a / b for a, b in zip(ta, tb)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--members", default="1,4,16,64,256")
@@ -277,7 +298,8 @@ def main() -> None:
     write_binarized_mnist(tmp / "data")  # tiny files in the real format: the step does not depend on N
     print(
         f"device {device}, {a.threads} thread(s), torch {torch.__version__}; SBN 200-784 (Table 3 preset), "
-        f"B = {B}, Adam, a learning rate per member; median of {a.reps} repetitions of >= {a.min_steps} member-steps"
+        f"B = {B}, Adam, a learning rate per member; median of {a.reps} repetitions of >= {a.min_steps} member-steps; packed ÷ separate: the median (range) of "
+        f"the ratios of {a.reps} alternated pairs"
     )
     t0 = time.perf_counter()
     runner_members("nvil", 1, device, tmp / "data", tmp)
@@ -294,10 +316,14 @@ def main() -> None:
         for m in [int(s) for s in a.members.split(",")]:
             rounds = max(1, a.min_steps // m)
             members = runner_members(kind, m, device, tmp / "data", tmp)
-            sep = timed(runner_step_fn(members, False, rounds), a.reps)
-            pk = timed(runner_step_fn(members, True, rounds), a.reps)
+            sep, pk, ratios = paired(
+                runner_step_fn(members, False, rounds), runner_step_fn(members, True, rounds), a.reps
+            )
             s_rate, p_rate = m * rounds / sep, m * rounds / pk
-            row = f"| {kind} | {m} | {s_rate:,.0f} | {p_rate:,.0f} | {p_rate / s_rate:.2f} |"
+            spread = f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
+            row = (
+                f"| {kind} | {m} | {s_rate:,.0f} | {p_rate:,.0f} | {statistics.median(ratios):.2f}{spread} |"
+            )
             del members
             if not a.no_member_dim:
                 proto = packed_step_fn(kind, m, device)

@@ -634,6 +634,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else None
     if args.steps < 1:
         ap.error("--steps must be >= 1")
+    for name, values in (("--seeds", args.seeds), ("--lrs", args.lrs), ("--estimators", args.estimators)):
+        if values and len(set(values)) < len(values):
+            # two jobs of the same values would share one folder (named by them): one would be refused
+            ap.error(f"{name} lists a value twice: {','.join(map(str, values))}")
     return args
 
 

@@ -108,3 +108,18 @@ def test_graves2016_rows_run_and_report(tiny_data_root, tmp_path):
     assert "Graves 2016 runs no experiment" in md
     rows = list(csv.DictReader(line for line in (out / "graves2016.csv").open() if not line.startswith("#")))
     assert len(rows) == 4 and all(r["seeds"] == "1" for r in rows)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["muprop_table3", "--rows", "sbn_9layer"], "unknown row(s) sbn_9layer of muprop_table3"),
+        (["muprop_table3", "--seeds", "1,2,1"], "--seeds lists a value twice: 1,2,1"),
+        (["muprop_table3", "--lrs", "1e-3,0.001"], "--lrs lists a value twice"),
+        (["muprop_table3", "--steps", "0"], "--steps must be >= 1"),
+    ],
+)
+def test_bad_reproduction_arguments_are_refused_before_anything_runs(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        reproduce.parse(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
