@@ -93,11 +93,12 @@ class RunLogger:
                 mode = "offline"
             if mode == "offline":
                 self._drop_offline_folders(run_id)
+            # init_timeout bounds the wait for W&B's servers (online only); an offline start keeps W&B's own
+            # timeout, which a busy machine's service start-up needs
+            timeout = {"init_timeout": float(init_timeout)} if mode == "online" else {}
             try:
                 self.run = wandb.init(
-                    **kwargs,
-                    mode=mode,
-                    settings=wandb.Settings(console="off", silent=True, init_timeout=float(init_timeout)),
+                    **kwargs, mode=mode, settings=wandb.Settings(console="off", silent=True, **timeout)
                 )
             except Exception as e:  # noqa: BLE001 - any failure to reach W&B online: go on offline
                 if mode != "online":
