@@ -315,7 +315,21 @@ def collect(
                 error,
             )
         )
-    return jobs
+    # one job per (estimator, seed, rate): a sweep folder of an earlier version (named by job number) can hold
+    # the same job as a value-named folder; the finished one counts, else the value-named one
+    best: dict[tuple[str, int, float], Job] = {}
+    for j in jobs:
+        key = (j.estimator, j.seed, j.lr)
+        rank = (j.summary is not None, not j.dir.name[:1].isdigit())
+        if key not in best or rank > (best[key].summary is not None, not best[key].dir.name[:1].isdigit()):
+            best[key] = j
+    if len(best) < len(jobs):
+        print(
+            f"note: {row_dir} holds {len(jobs) - len(best)} folder(s) of a job that another folder also holds; "
+            "each job is counted once",
+            file=sys.stderr,
+        )
+    return [j for j in jobs if best[(j.estimator, j.seed, j.lr)] is j]
 
 
 def val_curve(d: Path) -> list[tuple[int, float]]:

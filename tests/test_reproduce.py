@@ -4,6 +4,7 @@ number beside ours for every cell, and a re-run finishes an interrupted reproduc
 from __future__ import annotations
 
 import csv
+import shutil
 
 import pytest
 
@@ -67,6 +68,16 @@ def test_reproduce_writes_both_columns_and_resumes(tiny_data_root, tmp_path, cap
         csv.DictReader(line for line in (out / "muprop_table3.csv").open() if not line.startswith("#"))
     )
     assert rows and all(r["seeds"] == "1" for r in rows)
+
+    # a folder of an earlier sweep (named by job number) holding a job that a value-named folder also holds:
+    # counted once
+    shutil.copytree(jobs[0], jobs[0].parent / "0_sbn_darn_s1")
+    reproduce.main([*argv, "--report-only"])
+    assert "each job is counted once" in capfd.readouterr().err
+    rows = list(
+        csv.DictReader(line for line in (out / "muprop_table3.csv").open() if not line.startswith("#"))
+    )
+    assert all(r["seeds"] == "2" for r in rows)
 
 
 def test_reproduce_through_the_packed_launcher(tiny_data_root, tmp_path):
