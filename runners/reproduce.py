@@ -357,6 +357,7 @@ class Cell:
     bounds: list[float] = field(default_factory=list)  # -test/bound_m per seed (another m than the metric's)
     bound_m: int | None = None
     sec_per_step: list[float] = field(default_factory=list)  # training wall time per step, per seed
+    partial: bool = False  # the chosen rate has unfinished seeds: its finished ones are shown
 
     @property
     def mean(self) -> float:
@@ -375,18 +376,24 @@ def choose(jobs: list[Job], estimator: str, metric: str, negate: bool = True) ->
     failed = sorted({f"{j.lr:g}" for j in mine if j.summary is None and j.error})
     unfinished = sum(1 for j in mine if j.summary is None and not j.error)
     best = None
-    for lr, group in by_lr.items():
-        done = [j for j in group if j.summary is not None]
-        if not done or len(done) < len(group):
-            continue  # a rate is compared only when all its seeds finished
-        val = statistics.fmean(-float(j.summary["val/elbo"]) for j in done)
-        if math.isfinite(val) and (best is None or val < best[1]):
-            best = (lr, val, done)
+    # a rate is compared when all its seeds finished; only where no rate has, the rates with finished seeds
+    # and none failed (an interrupted reproduction: the cell shows its finished seeds, marked partial)
+    for complete_only in (True, False):
+        for lr, group in by_lr.items():
+            done = [j for j in group if j.summary is not None]
+            if not done or (len(done) < len(group) and (complete_only or any(j.error for j in group))):
+                continue
+            val = statistics.fmean(-float(j.summary["val/elbo"]) for j in done)
+            if math.isfinite(val) and (best is None or val < best[1]):
+                best = (lr, val, done)
+        if best is not None:
+            break
     if best is None:
         return Cell(estimator, None, [], None, failed, unfinished, [])
     lr, val, done = best
     values = [(-1.0 if negate else 1.0) * float(j.summary[metric]) for j in done]
     cell = Cell(estimator, lr, values, val, failed, unfinished, [val_curve(j.dir) for j in done])
+    cell.partial = len(done) < len(by_lr[lr])
     # the importance-weighted bound beside the metric (VAE and SBN rows: m from eval.samples), when it is
     # another number than the metric itself
     keys = [k for k in done[0].summary if k.startswith("test/bound_") and k != metric]
@@ -551,6 +558,8 @@ def report(
                 notes.append(f"diverged at lr {', '.join(c.failed)}")
             if c.unfinished:
                 notes.append(f"{c.unfinished} run(s) unfinished")
+            if c.partial:
+                notes.append("the finished seeds only")
             if not c.values and not c.failed and not c.unfinished:
                 notes.append("not run yet (the same command runs it)")
             if paper is None and row.note != GRAVES_NOTE:  # Graves: said once, in the header

@@ -134,3 +134,17 @@ def test_bad_reproduction_arguments_are_refused_before_anything_runs(argv, messa
     with pytest.raises(SystemExit) as info:
         reproduce.parse(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_rate_with_unfinished_seeds_is_shown_partial_only_when_no_rate_is_complete(tmp_path):
+    def job(seed, lr, val, done=True):
+        summary = {"val/elbo": -val, "test/elbo": -val - 1.0, "train_seconds": 2.0} if done else None
+        return reproduce.Job("nvil", seed, lr, 4, tmp_path, summary, None)
+
+    partial = [job(1, 1e-3, 100.0), job(2, 1e-3, 0.0, done=False)]
+    cell = reproduce.choose(partial, "nvil", "test/elbo")
+    assert cell.partial and cell.lr == 1e-3 and cell.values == [101.0] and cell.unfinished == 1
+    assert cell.sec_per_step == [0.5]
+    # a complete rate wins over a partial one, even a worse one
+    cell = reproduce.choose([*partial, job(1, 3e-4, 120.0), job(2, 3e-4, 122.0)], "nvil", "test/elbo")
+    assert not cell.partial and cell.lr == 3e-4 and cell.values == [121.0, 123.0]
