@@ -9,6 +9,8 @@ UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.uv-bin/bin/uv)
 DATA_ROOT ?= $(if $(wildcard ../shared/data/binarized_mnist),$(abspath ../shared/data),)
 export DATA_ROOT
 RUN_ARGS ?=
+# pytest workers (pytest-xdist): one per core of the 2-core CI machine; TEST_WORKERS=0 runs in one process
+TEST_WORKERS ?= 2
 
 .PHONY: help install run test test-fast lint format bench clean
 
@@ -29,10 +31,10 @@ run: install ## train the default experiment (SBN 200-784, binarized MNIST); RUN
 	$(UV) run --frozen python run.py $(RUN_ARGS)
 
 test: install ## run the whole test suite (offline; real-data tests run when DATA_ROOT holds the files)
-	$(UV) run --frozen python -m pytest
+	$(UV) run --frozen python -m pytest -n $(TEST_WORKERS)
 
 test-fast: install ## the suite without the slow statistical and end-to-end tests
-	$(UV) run --frozen python -m pytest -m "not slow"
+	$(UV) run --frozen python -m pytest -n $(TEST_WORKERS) -m "not slow"
 
 lint: install ## ruff check and format check
 	$(UV) run --frozen ruff check .
