@@ -153,9 +153,12 @@ def packed_step_fn(kind: str, m: int, device: torch.device):
 # --------------------------------------------------------------------------------------------------
 
 
-def runner_members(kind: str, m: int, device: torch.device, root: Path, tmp: Path) -> list:
+def runner_members(
+    kind: str, m: int, device: torch.device, root: Path, tmp: Path, extra: tuple[str, ...] = ()
+) -> list:
     """M members of the Table 3 SBN 200-784 preset as the runner builds them (``open_member``), seeds 1..M,
-    Adam at a learning rate per member; evaluation, variance and checkpoints off (the step alone is timed)."""
+    Adam at a learning rate per member; evaluation, variance and checkpoints off (the step alone is timed);
+    ``extra``: more overrides (bench_compile.py: ``train.compile=...``)."""
     from hydra import compose, initialize_config_dir
 
     from runners.train import Job, open_member
@@ -181,6 +184,7 @@ def runner_members(kind: str, m: int, device: torch.device, root: Path, tmp: Pat
                     "logger.mode=disabled",
                     "quiet=true",
                     f"device={device}",
+                    *extra,
                 ],
             )
             members.append(open_member(i, Job(cfg, tmp / f"m{kind}{m}_{i}"), cache))

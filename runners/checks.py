@@ -29,12 +29,16 @@ RESUMABLE_CHANGES = (
     "device",
     "experiment_name",
     "train.steps",
+    "train.compile",
     "eval",
     "logger",
     "data.root",
     "data.download",
     "data.verify",
 )
+
+#: torch.compile modes that ``train.compile`` may name (runners.train.estimate_fn)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 class ConfigError(ValueError):
@@ -220,6 +224,12 @@ def check_ranges(cfg: DictConfig) -> None:
             "two numbers in [0, 1), e.g. [0.9, 0.999]",
         )
     _at_least(t, "divergence_factor", "train", 0.0, float)
+    _need(
+        t.get("compile") in (None, False, True, *COMPILE_MODES),
+        "train.compile",
+        t.get("compile"),
+        f"false, true or a torch.compile mode ({', '.join(COMPILE_MODES)})",
+    )
     from runners.logger import WANDB_MODES
 
     mode = cfg.logger.get("mode")

@@ -366,6 +366,7 @@ class Member:
         self.steps = int(self.cfg.train.steps)
         self.elapsed = elapsed  # training seconds of earlier processes, plus this one's turns so far
         self.watch = DivergenceWatch(float(self.cfg.train.get("divergence_factor") or 0.0), div_ref, self.cfg)
+        self.estimate = estimate_fn(self.cfg.train.get("compile"))  # train.compile: eager or torch.compile'd
         self.var_batch: torch.Tensor | None = None
         self.last_var = float("nan")
         self.train_elbo = float("nan")
@@ -509,15 +510,15 @@ def _advance(m: Member, stop: GracefulStop) -> None:
         logger.log(metrics, step)
     # --- one step
     x = m.train_split.sample_batch(int(t.batch_size), m.batch_gen)  # [B, X]
-    est = estimator(model.cost_fn(x), model.context(x))
+    surrogate, cost, diagnostics = m.estimate(model, estimator, x)
     opt.zero_grad(set_to_none=True)
-    est.surrogate.backward()
+    surrogate.backward()
     opt.step()
     estimator.step += 1
     if run.basket:
         follow_trajectory(run, model, x)
     done = m.step = step + 1
-    m.watch.add(est.cost, done)  # on the device: no host synchronisation here
+    m.watch.add(cost, done)  # on the device: no host synchronisation here
     log_now = done % int(t.log_every) == 0
     ckpt_now = done % int(t.checkpoint_every) == 0 or done == m.steps or bool(stop.requested)
     if log_now or ckpt_now:
@@ -527,13 +528,43 @@ def _advance(m: Member, stop: GracefulStop) -> None:
         logger.log(
             {
                 "train/elbo": m.train_elbo,
-                **{f"train/{k}": v for k, v in est.diagnostics.items()},
+                **{f"train/{k}": v for k, v in diagnostics.items()},
                 "time/elapsed": m.elapsed,
             },
             done,
         )
     if ckpt_now:
         _checkpoint(m, checked=True)
+
+
+def _estimate(
+    model: LatentVariableModel, estimator: Estimator, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The step's gradient estimate on minibatch ``x``: (surrogate, cost ``[S, B]``, diagnostics)."""
+    est = estimator(model.cost_fn(x), model.context(x))
+    return est.surrogate, est.cost, est.diagnostics
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def estimate_fn(setting: bool | str | None):
+    """``train.compile``: the step's estimate eager (false, the default), or through ``torch.compile`` (true =
+    mode "default", or a mode name), forward and backward (AOTAutograd). One compiled function per mode in a
+    process: the members of a pack share its graphs (Dynamo guards on shapes and classes, not on the module
+    instances). Random draws fall back to eager's generator (``fallback_random``), so a compiled run draws the
+    same numbers as an eager one and its checkpoints resume alike: compiling changes the speed, not the
+    trajectory (bench/bench_compile.py measures both). MuProp's ``autograd.grad`` and the samplers' leaf
+    tensors break the graph into pieces; each piece is compiled."""
+    if setting is None or setting is False:
+        return _estimate
+    mode = "default" if setting is True else str(setting)
+    if mode not in _COMPILED:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fallback_random = True
+        _COMPILED[mode] = torch.compile(_estimate, mode=mode)
+    return _COMPILED[mode]
 
 
 def _checkpoint(m: Member, checked: bool = False) -> None:

@@ -49,3 +49,15 @@ def test_packed_on_cuda_matches_alone(tiny_cfg, tmp_path, estimator):
     alone = train(cfgs[1], tmp_path / "alone")
     assert isinstance(results[1], dict), results[1]
     assert results[1]["test/elbo"] == pytest.approx(alone["test/elbo"], rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_on_cuda_follows_eager(tiny_cfg, tmp_path, mode):
+    """train.compile on CUDA (reduce-overhead: CUDA graphs): the same trajectory as eager, rounding apart."""
+    from runners.train import train
+
+    common = ("estimator=muprop_c", "device=cuda", "train.steps=6", "model.layers=[16]")
+    compiled = train(tiny_cfg(*common, f"train.compile={mode}"), tmp_path / "c")
+    eager = train(tiny_cfg(*common), tmp_path / "e")
+    for key in ("test/elbo", "val/elbo", "train/elbo"):
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-5), key
