@@ -119,6 +119,9 @@ def test_graves2016_rows_run_and_report(tiny_data_root, tmp_path):
     assert "Graves 2016 runs no experiment" in md
     rows = list(csv.DictReader(line for line in (out / "graves2016.csv").open() if not line.startswith("#")))
     assert len(rows) == 4 and all(r["seeds"] == "1" for r in rows)
+    # the m-sample bound beside the VAE rows' ELBO; none beside the SVI rows' KL (it is no bound)
+    for r in rows:
+        assert r["bound_m"] == ("3" if r["model"].startswith("VAE") else ""), r
 
 
 @pytest.mark.parametrize(
