@@ -57,5 +57,8 @@ class VIMCO(Estimator):
         # - signal * log q: the cost is -L, so a high local signal pushes log q(h_k) up;
         # + w~ * cost: grad log w_k = -grad cost_k with h_k fixed, weighted by the normalised weights
         surrogate = (-(signal * log_q).sum(0) + (w_tilde * cost).sum(0)).mean()
-        diag = {"vimco_bound": bound.detach().mean(), "vimco_ess": (1 / w_tilde.square().sum(0)).detach().mean()}
+        diag = {
+            "vimco_bound": bound.detach().mean(),
+            "vimco_ess": (1 / w_tilde.square().sum(0)).detach().mean(),
+        }
         return Estimate(cost.detach(), surrogate, diag)
