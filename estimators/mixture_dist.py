@@ -87,6 +87,8 @@ from torch.distributions import (
     constraints,
 )
 
+from estimators import native as _native
+
 __all__ = [
     "COMPONENT_GRADS",
     "DiagNormalMixture",
@@ -466,11 +468,18 @@ def implicit_grad_structured(
     grad_x: Tensor,
     block_size: int = DEFAULT_BLOCK_SIZE,
     need_components: bool = True,
+    native: bool | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
     """g^T dx/dtheta for the implicit gradient, O(D K) per sample plus the blocked solve.
 
     Arguments broadcast to a common leading shape ``L``; returns (grad_logits ``[*L, K]``, grad_loc and
     grad_scale ``[*L, K, D]`` or None when ``need_components`` is False, z ``[*L, K, D]``).
+
+    ``native``: the fused C kernel (``estimators/native.py``, the same formulas in one pass per sample, in
+    double precision) instead of the tensor operations below. None (default) takes it where it applies and
+    nothing needs these operations' graph: K > 1, CPU, float32/float64, gradient mode off (a first-order
+    backward), outside ``torch.func`` transforms and ``torch.compile``; True insists (ValueError where it
+    cannot run), False never.
     """
     batch_shape, k, d = _check_shapes(logits, loc, scale)
     lead = _broadcast_shapes(batch_shape, x.shape[:-1], grad_x.shape[:-1])
@@ -488,6 +497,27 @@ def implicit_grad_structured(
         grad_scale = (grad_loc * z).reshape(*lead, k, d) if need_components else None  # [*L, 1, D]
         grad_loc = grad_loc.reshape(*lead, k, d) if need_components else None  # [*L, 1, D]
         return g.new_zeros(*lead, k), grad_loc, grad_scale, z.reshape(*lead, k, d)
+
+    if native is None:
+        native = (
+            not torch.is_grad_enabled()
+            and not _functorch_active()
+            and not torch.compiler.is_compiling()
+            and _native.applies(logits, loc, scale, x, g)
+        )
+    elif native and not _native.applies(logits, loc, scale, x, g):
+        raise ValueError(
+            "native=True: the native mixture backward needs CPU float32/float64 tensors, a C compiler and "
+            "GRADEST_NATIVE_MIXTURE not set to 0"
+        )
+    if native:
+        grad_logits, grad_loc, grad_scale = _native.implicit_grad(
+            logits, loc, scale, x, g, need_components
+        )  # [N, K], [N, K, D] x2 or None
+        z = (x.unsqueeze(-2) - loc) / scale  # [N, K, D]
+        if need_components:
+            grad_loc, grad_scale = grad_loc.reshape(*lead, k, d), grad_scale.reshape(*lead, k, d)
+        return grad_logits.reshape(*lead, k), grad_loc, grad_scale, z.reshape(*lead, k, d)
 
     z, log_n, log_w = _log_weights(logits, loc, scale, x)  # [N, K, D] x3
     log_q = log_w + log_n  # [N, K, D], log of component k's share of the conditional density f_d

@@ -23,6 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from estimators import native as native_kernel
 from estimators.mixture_dist import (
     DiagNormalMixture,
     _log_normal_interval,
@@ -38,8 +39,20 @@ KAPPA_MAX = 100.0
 TINY32 = torch.finfo(torch.float32).tiny  # below it float32 has no normal numbers
 
 
-def grads(params, x, g):
-    return implicit_grad_structured(*params, x, g)[:3]
+@pytest.fixture(params=["torch", "native"])
+def native(request) -> bool:
+    """Both implementations of the backward: the torch operations and the fused C kernel (computing in
+    float64 whatever the input dtype; skipped only where no C compiler exists: tests/test_mixture_native.py
+    fails if a compiler exists and the build does not)."""
+    if request.param == "native":
+        if not native_kernel.available():
+            pytest.skip("the native mixture backward is unavailable here (no C compiler)")
+        return True
+    return False
+
+
+def grads(params, x, g, native=False):
+    return implicit_grad_structured(*params, x, g, native=native)[:3]
 
 
 def perturbation_spread(params64, x64, g64, want, n_perturb=4, seed=0):
@@ -56,9 +69,10 @@ def perturbation_spread(params64, x64, g64, want, n_perturb=4, seed=0):
     return spread
 
 
-def check_float32(params32, x32, g32, batch_dims=1):
-    """Assert the bound of the module docstring; return the relative errors on well-conditioned elements."""
-    got = grads(params32, x32, g32)
+def check_float32(params32, x32, g32, batch_dims=1, native=False):
+    """Assert the bound of the module docstring; return the relative errors on well-conditioned elements.
+    The float64 reference is always the torch implementation (checked against mpmath below)."""
+    got = grads(params32, x32, g32, native)
     params64 = [p.double() for p in params32]
     x64, g64 = x32.double(), g32.double()
     want = grads(params64, x64, g64)
@@ -112,15 +126,15 @@ REGIMES = ["mixed_scales", "dominant", "overlap_1e6", "overlap_1e6_unequal"]
 
 
 @pytest.mark.parametrize("name", REGIMES)
-def test_float32_regimes_of_issue(name):
+def test_float32_regimes_of_issue(name, native):
     params, x, g = regime(name)
-    for r in check_float32(params, x, g):
+    for r in check_float32(params, x, g, native=native):
         assert (r <= C * (KAPPA_MAX + 1) * EPS32).all()
     # Overlapping components at scale 1e6 are ill-conditioned in the sense above (a relative change of
     # eps32 in one scale moves z_k - z_r by eps32 * 1e6 / 1e6 * |z|, comparable to the O(1e-6) gap), yet
     # exactly representable inputs give an accurate gradient: each sample's gradient, normwise, to 1e-3
     # (before the fix the logits gradient there was off by up to 28x, measured).
-    got = grads(params, x, g)
+    got = grads(params, x, g, native)
     want = grads([p.double() for p in params], x.double(), g.double())
     for a, w in zip(got, want):
         err = (a.double() - w).reshape(w.shape[0], -1).norm(dim=-1)  # [N]
@@ -142,13 +156,13 @@ def fuzz_params(gen: torch.Generator, k: int, d: int, n: int):
 
 
 @pytest.mark.parametrize("k,d", [(2, 1), (2, 3), (3, 2), (5, 4), (4, 8), (10, 16)])
-def test_float32_fuzz_extreme_parameters(k, d):
+def test_float32_fuzz_extreme_parameters(k, d, native):
     gen = torch.Generator().manual_seed(100 * k + d)
     params = fuzz_params(gen, k, d, 1000)
     torch.manual_seed(k + d)
     x = DiagNormalMixture(*params).sample()  # [N, D]
     g = torch.randn(x.shape, generator=gen)  # [N, D]
-    rel = check_float32(params, x, g)
+    rel = check_float32(params, x, g, native=native)
     for r in rel:
         assert (r <= C * (KAPPA_MAX + 1) * EPS32).all()
 
@@ -199,10 +213,10 @@ def mp_gradient(logits, loc, scale, x, g, dps: int = 50):
 
 
 @pytest.mark.parametrize("name", REGIMES)
-def test_float64_matches_mpmath(name):
+def test_float64_matches_mpmath(name, native):
     params, x, g = regime(name, n=6)
     params64 = [p.double() for p in params]
-    got = grads(params64, x.double(), g.double())
+    got = grads(params64, x.double(), g.double(), native)
     for i in range(x.shape[0]):
         want = mp_gradient(*params64, x[i].double(), g[i].double())
         for a, b in zip(got, want):
@@ -240,7 +254,7 @@ def test_normal_interval_against_mpmath(dtype):
 
 
 @pytest.mark.parametrize("x0", [-25.0, -14.0, 30.0])
-def test_float32_far_tail_of_every_component(x0):
+def test_float32_far_tail_of_every_component(x0, native):
     # x 14 to 33 scales from both components: every Phi and every gap underflows float32 (gaps ~ e^-400);
     # the e^{-M} scaling keeps the digits (a reference stand-in above the true gaps would zero them)
     logits = torch.tensor([0.0, 0.0])  # [K]
@@ -248,7 +262,7 @@ def test_float32_far_tail_of_every_component(x0):
     scale = torch.ones(2, 2)  # [K, D]
     x = torch.tensor([[x0, 0.5], [x0, x0]])  # [N, D]
     g = torch.tensor([[1.0, -0.5], [0.3, 1.0]])  # [N, D]
-    got = grads((logits, loc, scale), x, g)
+    got = grads((logits, loc, scale), x, g, native)
     want = grads((logits.double(), loc.double(), scale.double()), x.double(), g.double())
     for a, w in zip(got, want):
         assert torch.isfinite(a).all()
