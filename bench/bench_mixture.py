@@ -3,7 +3,9 @@
 For a batch of B mixtures (K components, D dims) each timed step draws one sample per mixture and
 backpropagates the cost sum(x^2) to logits, loc and scale:
 
-* ``ours``: ``DiagNormalMixture(...).rsample()`` + ``torch.autograd.grad`` (the O(D K) backward);
+* ``ours``: ``DiagNormalMixture(...).rsample()`` + ``torch.autograd.grad`` (the O(D K) backward; on CPU the
+  fused C kernel of ``estimators/native.py`` where it is available);
+* ``torch``: ``ours`` with the native kernel switched off (the same backward in torch operations);
 * ``base``: the same with ``estimators/mixture_dist.py`` as of git revision ``--baseline`` (default: the
   revision before the float32 / API / speed work of issue 10), loaded from ``git show`` into a scratch
   module, so before and after are measured in ONE run on the same machine state;
@@ -38,6 +40,7 @@ from torch.utils import benchmark
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from estimators import native  # noqa: E402
 from estimators.mixture_dist import (  # noqa: E402
     DEFAULT_BLOCK_SIZE,
     DiagNormalMixture,
@@ -135,8 +138,9 @@ def main() -> None:
     )
     print("# median ms per rsample + backward of sum(x^2); ratios from this one run")
     header = (
-        f"{'K':>4} {'D':>4} {'base':>9} {'ours':>9} {'comp':>9} {'normal':>8} {'dense':>9} "
-        f"{'ours/base':>9} {'comp/base':>9} {'ours/normal':>11} {'comp/normal':>11} {'compile s':>9}"
+        f"{'K':>4} {'D':>4} {'base':>9} {'torch':>9} {'ours':>9} {'comp':>9} {'normal':>8} {'dense':>9} "
+        f"{'ours/base':>9} {'ours/torch':>10} {'comp/base':>9} {'ours/normal':>11} {'comp/normal':>11} "
+        f"{'compile s':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -148,6 +152,17 @@ def main() -> None:
             args.device,
             args.min_run_time,
         )
+        t_torch = nan
+        if native.available() and args.device == "cpu":
+            previous = native.set_enabled(False)
+            try:
+                t_torch = time_fn(
+                    rsample_step(DiagNormalMixture, params, block_size=args.block_size),
+                    args.device,
+                    args.min_run_time,
+                )
+            finally:
+                native.set_enabled(previous)
         t_base = nan
         if base is not None:
             t_base = time_fn(
@@ -186,8 +201,9 @@ def main() -> None:
             return f"{'-':>{width}}" if a != a or b != b else f"{a / b:{width}.2f}"
 
         print(
-            f"{k:>4} {d:>4} {ms(t_base, 9)} {ms(t_ours, 9)} {ms(t_comp, 9)} {ms(t_normal, 8)} {ms(t_dense, 9)} "
-            f"{ratio(t_ours, t_base, 9)} {ratio(t_comp, t_base, 9)} {ratio(t_ours, t_normal, 11)} "
+            f"{k:>4} {d:>4} {ms(t_base, 9)} {ms(t_torch, 9)} {ms(t_ours, 9)} {ms(t_comp, 9)} {ms(t_normal, 8)} "
+            f"{ms(t_dense, 9)} {ratio(t_ours, t_base, 9)} {ratio(t_ours, t_torch, 10)} {ratio(t_comp, t_base, 9)} "
+            f"{ratio(t_ours, t_normal, 11)} "
             f"{ratio(t_comp, t_normal, 11)} {'-' if compile_s != compile_s else f'{compile_s:9.1f}':>9}",
             flush=True,
         )

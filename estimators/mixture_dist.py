@@ -45,8 +45,11 @@ Forward mode (``jvp``) solves J xdot = -dT/dtheta t by the transposed recurrence
 
 Autograd: ``_MixtureRsample`` is a new-style ``autograd.Function`` (``setup_context``): its backward is
 made of differentiable ops on the *output* x, so double backward works (gradgradcheck in the tests), and
-``torch.func.grad``, ``vmap`` (``generate_vmap_rule``) and ``jvp`` apply. ``compile_backward=True`` runs
-the first-order backward through ``torch.compile``.
+``torch.func.grad``, ``vmap`` (``generate_vmap_rule``) and ``jvp`` apply. On CPU a first-order backward
+(no graph needed through it) runs the same formulas as one fused C kernel per call (``estimators/native.py``:
+one pass per sample in double precision, built on first use with the system's C compiler, the torch
+operations otherwise; ``GRADEST_NATIVE_MIXTURE=0`` switches it off). ``compile_backward=True`` runs the
+first-order backward through ``torch.compile`` instead.
 
 Distribution API beyond rsample/log_prob: ``cdf`` (closed form, the joint CDF), ``icdf`` (D = 1, by
 bisection and Newton, differentiable), ``mode`` (numerical: mean-shift from every mean), ``entropy``
@@ -752,10 +755,11 @@ class DiagNormalMixture(Distribution):
     logits ``[..., K]``, loc and scale ``[..., K, D]``; batch shape ``...`` (broadcast), event shape
     ``(D,)``. ``component_grad`` chooses how loc and scale get gradient (``"implicit"``: through T;
     ``"graves"``: reparameterization of the sampled component); logits always go through T.
-    ``compile_backward=True`` runs the first-order backward through ``torch.compile`` (one fused kernel;
-    rsample + backward measured 1.7-2.1x faster than eager at D >= 16 on CPU, after a compile of 7-50 s
-    per new shape; ``bench/bench_mixture.py``); double backward and ``torch.func`` transforms use the
-    eager ops.
+    On CPU the first-order backward runs the fused C kernel of ``estimators/native.py`` where it could be
+    built (see the module docstring). ``compile_backward=True`` runs it through ``torch.compile`` instead
+    (measured 1.7-2.1x faster than the torch operations at D >= 16 on CPU, after a compile of 7-50 s per new
+    shape; ``bench/bench_mixture.py``; on CUDA the choice between the two is unmeasured); double backward
+    and second derivatives through ``torch.func`` use the differentiable torch operations.
     """
 
     arg_constraints = {
