@@ -486,6 +486,25 @@ def implicit_grad_structured(
     """
     batch_shape, k, d = _check_shapes(logits, loc, scale)
     lead = _broadcast_shapes(batch_shape, x.shape[:-1], grad_x.shape[:-1])
+    if native is None:
+        native = (
+            k > 1
+            and not torch.is_grad_enabled()
+            and not _functorch_active()
+            and not torch.compiler.is_compiling()
+            and _native.applies(logits, loc, scale, x, grad_x)
+        )
+    elif native and not (k > 1 and _native.applies(logits, loc, scale, x, grad_x)):
+        raise ValueError(
+            "native=True: the native mixture backward needs K > 1, CPU float32/float64 tensors, a C compiler "
+            "and GRADEST_NATIVE_MIXTURE not set to 0"
+        )
+    if native:
+        grad_logits, grad_loc, grad_scale = _native.implicit_grad(
+            logits, loc, scale, x, grad_x, lead, need_components
+        )  # [*L, K], [*L, K, D] x2 or None
+        z = ((x.unsqueeze(-2) - loc) / scale).expand(*lead, k, d)  # [*L, K, D]
+        return grad_logits, grad_loc, grad_scale, z
     logits = logits.expand(*lead, k).reshape(-1, k)  # [N, K]
     loc = loc.expand(*lead, k, d).reshape(-1, k, d)  # [N, K, D]
     scale = scale.expand(*lead, k, d).reshape(-1, k, d)  # [N, K, D]
@@ -500,27 +519,6 @@ def implicit_grad_structured(
         grad_scale = (grad_loc * z).reshape(*lead, k, d) if need_components else None  # [*L, 1, D]
         grad_loc = grad_loc.reshape(*lead, k, d) if need_components else None  # [*L, 1, D]
         return g.new_zeros(*lead, k), grad_loc, grad_scale, z.reshape(*lead, k, d)
-
-    if native is None:
-        native = (
-            not torch.is_grad_enabled()
-            and not _functorch_active()
-            and not torch.compiler.is_compiling()
-            and _native.applies(logits, loc, scale, x, g)
-        )
-    elif native and not _native.applies(logits, loc, scale, x, g):
-        raise ValueError(
-            "native=True: the native mixture backward needs CPU float32/float64 tensors, a C compiler and "
-            "GRADEST_NATIVE_MIXTURE not set to 0"
-        )
-    if native:
-        grad_logits, grad_loc, grad_scale = _native.implicit_grad(
-            logits, loc, scale, x, g, need_components
-        )  # [N, K], [N, K, D] x2 or None
-        z = (x.unsqueeze(-2) - loc) / scale  # [N, K, D]
-        if need_components:
-            grad_loc, grad_scale = grad_loc.reshape(*lead, k, d), grad_scale.reshape(*lead, k, d)
-        return grad_logits.reshape(*lead, k), grad_loc, grad_scale, z.reshape(*lead, k, d)
 
     z, log_n, log_w = _log_weights(logits, loc, scale, x)  # [N, K, D] x3
     log_q = log_w + log_n  # [N, K, D], log of component k's share of the conditional density f_d

@@ -121,8 +121,9 @@ def _load() -> ctypes.CDLL | None:
             fn = lib.mixture_implicit_grad
             fn.restype = ctypes.c_int
             ptr = ctypes.c_void_p
-            fn.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, *[ptr] * 5, ctypes.c_double]
-            fn.argtypes += [ctypes.c_int, ptr, ptr, ptr, ctypes.c_int]
+            i64, i32 = ctypes.c_int64, ctypes.c_int
+            fn.argtypes = [i64, i32, i32, i32, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ctypes.c_double]
+            fn.argtypes += [i32, ptr, ptr, ptr, i32]
             _lib = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
             warnings.warn(
@@ -151,30 +152,61 @@ def applies(*tensors: Tensor) -> bool:
     return _load() is not None
 
 
-def implicit_grad(
-    logits: Tensor, loc: Tensor, scale: Tensor, x: Tensor, grad_x: Tensor, need_components: bool
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """grad_logits ``[N, K]`` and (when ``need_components``) grad_loc, grad_scale ``[N, K, D]`` of g^T dx/dtheta.
+def _operand(t: Tensor, lead: torch.Size, event: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, int]:
+    """``t`` ``[..., *event]`` as a C-contiguous buffer and its per-sample stride: the tensor itself when it
+    has the full leading shape or none (stride 0: one parameter set shared by every sample), else expanded
+    and copied."""
+    size = math.prod(event)
+    if t.numel() == size:
+        return t.detach().reshape(event).to(dtype).contiguous(), 0
+    if t.shape[: t.dim() - len(event)] != lead:
+        t = t.expand(*lead, *event)
+    return t.detach().reshape(-1, *event).to(dtype).contiguous(), size
 
-    Arguments already expanded to a common leading size N: logits ``[N, K]``, loc/scale ``[N, K, D]``,
-    x/grad_x ``[N, D]``, K > 1; results in the inputs' dtype. Call only where :func:`applies` is True.
+
+def implicit_grad(
+    logits: Tensor,
+    loc: Tensor,
+    scale: Tensor,
+    x: Tensor,
+    grad_x: Tensor,
+    lead: torch.Size,
+    need_components: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """grad_logits ``[*L, K]`` and (when ``need_components``) grad_loc, grad_scale ``[*L, K, D]`` of g^T dx/dtheta.
+
+    logits ``[..., K]``, loc/scale ``[..., K, D]``, x/grad_x ``[..., D]`` broadcasting to the leading shape
+    ``lead`` (L), K > 1; parameters without leading dimensions are read once, not copied per sample.
+    Results in the parameters' (promoted) dtype. Call only where :func:`applies` is True.
     """
     lib = _load()
     assert lib is not None, "call native.implicit_grad only where native.applies(...) is True"
-    dtype = loc.dtype
-    n, k, d = loc.shape
-    args = [t.detach().to(torch.float64).contiguous() for t in (logits, loc, scale, x, grad_x)]
-    grad_logits = torch.empty(n, k, dtype=torch.float64)
-    grad_loc = torch.empty(n, k, d, dtype=torch.float64) if need_components else None
-    grad_scale = torch.empty(n, k, d, dtype=torch.float64) if need_components else None
+    k, d = loc.shape[-2:]
+    dtype = torch.promote_types(torch.promote_types(logits.dtype, loc.dtype), scale.dtype)
+    n = math.prod(lead)
+    a, stride_a = _operand(logits, lead, (k,), dtype)
+    mu, stride_mu = _operand(loc, lead, (k, d), dtype)
+    sg, stride_sg = _operand(scale, lead, (k, d), dtype)
+    xs = x.detach().expand(*lead, d).to(dtype).contiguous()
+    gs = grad_x.detach().expand(*lead, d).to(dtype).contiguous()
+    grad_logits = torch.empty(*lead, k, dtype=dtype)
+    grad_loc = torch.empty(*lead, k, d, dtype=dtype) if need_components else None
+    grad_scale = torch.empty(*lead, k, d, dtype=dtype) if need_components else None
     threads = max(1, min(torch.get_num_threads(), (n * k * d) // MIN_WORK_PER_THREAD))
-    log_ratio_max = 0.5 * math.log(torch.finfo(dtype).max)
     status = lib.mixture_implicit_grad(
         n,
         k,
         d,
-        *(a.data_ptr() for a in args),
-        log_ratio_max,
+        int(dtype == torch.float32),
+        a.data_ptr(),
+        stride_a,
+        mu.data_ptr(),
+        stride_mu,
+        sg.data_ptr(),
+        stride_sg,
+        xs.data_ptr(),
+        gs.data_ptr(),
+        0.5 * math.log(torch.finfo(dtype).max),
         int(need_components),
         grad_logits.data_ptr(),
         grad_loc.data_ptr() if grad_loc is not None else None,
@@ -183,5 +215,4 @@ def implicit_grad(
     )
     if status != 0:
         raise MemoryError("the native mixture backward could not allocate its work space")
-    out = [grad_logits, grad_loc, grad_scale]
-    return tuple(t.to(dtype) if t is not None else None for t in out)  # type: ignore[return-value]
+    return grad_logits, grad_loc, grad_scale

@@ -78,6 +78,36 @@ def test_native_equals_torch_float64(k, d, shared_logits):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_broadcasting_and_shared_parameters(dtype):
+    # one mixture for all samples (read once by the kernel), per-sample parameters broadcast over a sample
+    # dimension (copied), and a grad_x with more leading dimensions than x
+    gen = torch.Generator().manual_seed(4)
+    k, d = 3, 5
+    logits, loc, scale = (
+        torch.randn(k, dtype=dtype),
+        torch.randn(k, d, dtype=dtype),
+        torch.rand(k, d, dtype=dtype) + 0.3,
+    )
+    cases = []
+    x = DiagNormalMixture(logits, loc, scale).sample((7,))  # [7, D]
+    cases.append(((logits, loc, scale), x, torch.randn(7, d, generator=gen, dtype=dtype)))
+    loc2 = torch.randn(2, 1, k, d, generator=gen, dtype=dtype)  # [2, 1, K, D]
+    x2 = DiagNormalMixture(logits, loc2, scale).sample((1,)).squeeze(0).expand(2, 4, d)  # [2, 4, D]
+    cases.append(((logits, loc2, scale), x2, torch.randn(2, 4, d, generator=gen, dtype=dtype)))
+    cases.append(
+        ((logits, loc, scale), x[0], torch.randn(6, d, generator=gen, dtype=dtype))
+    )  # x [D], g [6, D]
+    for params, xx, g in cases:
+        want = implicit_grad_structured(*params, xx, g, native=False)
+        got = implicit_grad_structured(*params, xx, g, native=True)
+        for a, w in zip(got, want):
+            assert a.shape == w.shape and a.dtype == w.dtype
+            tol = 1e-12 if dtype == torch.float64 else 1e-5
+            assert per_sample_rel(a, w).max() <= tol
+
+
+@needs_native
 @pytest.mark.parametrize("k,d", [(2, 3), (4, 8), (10, 16)])
 def test_native_equals_torch_on_extreme_parameters(k, d):
     params, x, g = extreme_case(k, d, 2000, seed=k * 31 + d)
@@ -181,12 +211,12 @@ def test_double_backward_takes_the_torch_path(monkeypatch):
 @needs_native
 def test_threads_change_nothing(monkeypatch):
     params, x, g = random_case(5, 7, 257, seed=11)
-    one = native.implicit_grad(*params, x, g, True)
+    one = native.implicit_grad(*params, x, g, x.shape[:-1], True)
     monkeypatch.setattr(native, "MIN_WORK_PER_THREAD", 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        many = native.implicit_grad(*params, x, g, True)
+        many = native.implicit_grad(*params, x, g, x.shape[:-1], True)
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(one, many):

@@ -10,11 +10,12 @@
  *   O(D K) recurrence, no blocks needed here), grad_logits = -R after the last coordinate, and the loc /
  *   scale gradients with the largest-responsibility component written without cancellation.
  *
- * Everything is computed in double whatever the caller's dtype (the caller converts), with the float64
+ * Everything is computed in double whatever the caller's dtype (read and written per sample), with the float64
  * constants of the interval formula; only the clamp of w e^M / f (``log_ratio_max``) follows the caller's
  * dtype, so that float32 results stay finite exactly where the torch path keeps them finite.
  *
- * Layout (all C-contiguous, double): logits [N, K], loc and scale [N, K, D] (k major), x and g [N, D];
+ * Layout (C-contiguous, float32 or float64, read into double per sample): logits [N, K], loc and scale
+ * [N, K, D] (k major), each either per sample or one shared by all samples (stride 0); x and g [N, D];
  * outputs grad_logits [N, K] and, when need_components, grad_loc and grad_scale [N, K, D].
  * Samples are independent: ``threads`` > 1 splits N over POSIX threads.
  *
@@ -126,7 +127,7 @@ static void one_sample(int K, int D, const double *a, const double *mu, const do
         /* gaps G_k = Phi_k - Phi_r against r, without cancellation (_cdf_gaps): the erfc branch as a
          * value (V, SG = sign), the series / far-tail / k = r branches as a log (V, SG = 2 * sign) */
         double z_r = Z[r * D + d], loc_r = mu[r * D + d], scale_r = sg[r * D + d];
-        double erfc_lo = erfc(-SQRT_HALF * z_r), erfc_hi = erfc(SQRT_HALF * z_r);
+        double erfc_lo = NAN, erfc_hi = NAN; /* erfc(-+z_r / sqrt 2), computed when first needed */
         double v_max = 0.0, lg_max = -INFINITY;
         for (int k = 0; k < K; ++k) {
             int i = k * D + d;
@@ -146,8 +147,15 @@ static void one_sample(int K, int D, const double *a, const double *mu, const do
                 V[k] = interval_far(z_r, Z[i], delta);
                 SG[k] = 2.0 * sign;
             } else { /* interval_near, kept as a value: 1/2 |erfc(c z_r) - erfc(c z_k)| */
-                double c = m > 0.0 ? SQRT_HALF : -SQRT_HALF;
-                double v = 0.5 * fabs((m > 0.0 ? erfc_hi : erfc_lo) - erfc(c * Z[i]));
+                double c = m > 0.0 ? SQRT_HALF : -SQRT_HALF, e_r;
+                if (m > 0.0) {
+                    if (isnan(erfc_hi)) erfc_hi = erfc(SQRT_HALF * z_r);
+                    e_r = erfc_hi;
+                } else {
+                    if (isnan(erfc_lo)) erfc_lo = erfc(-SQRT_HALF * z_r);
+                    e_r = erfc_lo;
+                }
+                double v = 0.5 * fabs(e_r - erfc(c * Z[i]));
                 V[k] = v < DBL_MIN ? DBL_MIN : v;
                 SG[k] = sign;
                 v_max = V[k] > v_max ? V[k] : v_max;
@@ -217,37 +225,68 @@ static void one_sample(int K, int D, const double *a, const double *mu, const do
 
 typedef struct {
     int64_t begin, end;
-    int K, D, need_components;
-    const double *logits, *loc, *scale, *x, *g;
+    int K, D, need_components, is_float;
+    const void *logits, *loc, *scale, *x, *g;
+    int64_t stride_logits, stride_loc, stride_scale; /* per sample: K or K * D, or 0 (shared by all) */
     double log_ratio_max;
-    double *grad_logits, *grad_loc, *grad_scale;
+    void *grad_logits, *grad_loc, *grad_scale;
     int status;
 } job_t;
 
+/* dst[i] = src[offset + i] as double, from float or double storage */
+static void load(double *dst, const void *src, int64_t offset, int64_t count, int is_float) {
+    if (is_float)
+        for (int64_t i = 0; i < count; ++i) dst[i] = ((const float *)src)[offset + i];
+    else
+        memcpy(dst, (const double *)src + offset, (size_t)count * sizeof(double));
+}
+
+/* dst[offset + i] = src[i] in the caller's dtype */
+static void store(void *dst, const double *src, int64_t offset, int64_t count, int is_float) {
+    if (is_float)
+        for (int64_t i = 0; i < count; ++i) ((float *)dst)[offset + i] = (float)src[i];
+    else
+        memcpy((double *)dst + offset, src, (size_t)count * sizeof(double));
+}
+
 static void *run_job(void *arg) {
     job_t *j = (job_t *)arg;
-    int K = j->K, D = j->D;
-    double *work = (double *)malloc(work_size(K, D) * sizeof(double));
-    if (!work) {
+    int K = j->K, D = j->D, f = j->is_float;
+    int64_t kd = (int64_t)K * D;
+    /* the sample's inputs and outputs in double, then the work space */
+    size_t io = (size_t)(3 * K + 4 * kd + 2 * D);
+    double *buf = (double *)malloc((io + work_size(K, D)) * sizeof(double));
+    if (!buf) {
         j->status = 1;
         return NULL;
     }
+    double *a = buf, *mu = a + K, *sg = mu + kd, *x = sg + kd, *g = x + D, *ga = g + D, *gmu = ga + K;
+    double *gsg = gmu + kd, *work = gsg + kd + K;
     for (int64_t n = j->begin; n < j->end; ++n) {
-        int64_t kd = (int64_t)K * D;
-        one_sample(K, D, j->logits + n * K, j->loc + n * kd, j->scale + n * kd, j->x + n * D, j->g + n * D,
-                   j->log_ratio_max, j->need_components, j->grad_logits + n * K,
-                   j->need_components ? j->grad_loc + n * kd : NULL,
-                   j->need_components ? j->grad_scale + n * kd : NULL, work);
+        if (n == j->begin || j->stride_logits) load(a, j->logits, n * j->stride_logits, K, f);
+        if (n == j->begin || j->stride_loc) load(mu, j->loc, n * j->stride_loc, kd, f);
+        if (n == j->begin || j->stride_scale) load(sg, j->scale, n * j->stride_scale, kd, f);
+        load(x, j->x, n * D, D, f);
+        load(g, j->g, n * D, D, f);
+        one_sample(K, D, a, mu, sg, x, g, j->log_ratio_max, j->need_components, ga, gmu, gsg, work);
+        store(j->grad_logits, ga, n * K, K, f);
+        if (j->need_components) {
+            store(j->grad_loc, gmu, n * kd, kd, f);
+            store(j->grad_scale, gsg, n * kd, kd, f);
+        }
     }
-    free(work);
+    free(buf);
     j->status = 0;
     return NULL;
 }
 
-/* Returns 0 on success, nonzero when memory or a thread could not be had (the caller falls back). */
-int mixture_implicit_grad(int64_t n, int k, int d, const double *logits, const double *loc, const double *scale,
-                          const double *x, const double *g, double log_ratio_max, int need_components,
-                          double *grad_logits, double *grad_loc, double *grad_scale, int threads) {
+/* Inputs and outputs float32 (is_float) or float64; logits [N, K] / loc, scale [N, K, D] with per-sample
+ * strides K / K * D, or 0 for parameters shared by every sample; x, g [N, D]; outputs [N, K], [N, K, D].
+ * Returns 0 on success, nonzero when memory could not be had (the caller raises). */
+int mixture_implicit_grad(int64_t n, int k, int d, int is_float, const void *logits, int64_t stride_logits,
+                          const void *loc, int64_t stride_loc, const void *scale, int64_t stride_scale,
+                          const void *x, const void *g, double log_ratio_max, int need_components,
+                          void *grad_logits, void *grad_loc, void *grad_scale, int threads) {
     if (threads < 1) threads = 1;
     if (threads > n) threads = (int)(n > 0 ? n : 1);
     job_t jobs[64];
@@ -260,9 +299,13 @@ int mixture_implicit_grad(int64_t n, int k, int d, const double *logits, const d
         j->K = k;
         j->D = d;
         j->need_components = need_components;
+        j->is_float = is_float;
         j->logits = logits;
         j->loc = loc;
         j->scale = scale;
+        j->stride_logits = stride_logits;
+        j->stride_loc = stride_loc;
+        j->stride_scale = stride_scale;
         j->x = x;
         j->g = g;
         j->log_ratio_max = log_ratio_max;
