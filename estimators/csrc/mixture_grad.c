@@ -75,14 +75,15 @@ static double interval_far(double z_a, double z_b, double delta) {
     return log_phi_hi + log(-expm1(-d_log));
 }
 
-/* Work space of one sample: 6 arrays of K * D and 6 of K. */
-static size_t work_size(int k, int d) { return (size_t)6 * k * d + 6 * (size_t)k; }
+/* Work space of one sample: 5 arrays of K * D and 6 of K. */
+static size_t work_size(int k, int d) { return (size_t)5 * k * d + 6 * (size_t)k; }
 
-static void one_sample(int K, int D, const double *a, const double *mu, const double *sg, const double *x,
-                       const double *g, double log_ratio_max, int need_components, double *ga, double *gmu,
+/* IS = 1 / sigma and LSG = log sigma + log sqrt(2 pi), computed by the caller (once for shared parameters) */
+static void one_sample(int K, int D, const double *a, const double *mu, const double *sg, const double *IS,
+                       const double *LSG, const double *x, const double *g, double log_ratio_max, int need_components, double *ga, double *gmu,
                        double *gsg, double *work) {
     double *Z = work, *LW = Z + K * D, *CT = LW + K * D, *RUN = CT + K * D, *RESP = RUN + K * D;
-    double *IS = RESP + K * D, *cum = IS + K * D, *R = cum + K, *W = R + K, *LQ = W + K, *V = LQ + K, *SG = V + K;
+    double *cum = RESP + K * D, *R = cum + K, *W = R + K, *LQ = W + K, *V = LQ + K, *SG = V + K;
     for (int k = 0; k < K; ++k) cum[k] = a[k];
     /* One coordinate at a time: everything at d depends on the coordinates before it only through the
      * running sums cum_k = a_k + sum_{h<d} log N_kh. */
@@ -91,10 +92,8 @@ static void one_sample(int K, int D, const double *a, const double *mu, const do
         double top = -INFINITY;
         for (int k = 0; k < K; ++k) {
             int i = k * D + d;
-            double inv = 1.0 / sg[i];
-            double z = (x[d] - mu[i]) * inv;
-            IS[i] = inv;
-            double ln = -0.5 * z * z - log(sg[i]) - HALF_LOG_2PI;
+            double z = (x[d] - mu[i]) * IS[i];
+            double ln = -0.5 * z * z - LSG[i];
             Z[i] = z;
             LW[i] = cum[k];
             LQ[k] = ln; /* log N for now */
@@ -169,7 +168,9 @@ static void one_sample(int K, int D, const double *a, const double *mu, const do
         double inv_scale = exp(-big_m); /* finite where some erfc-branch gap exists (M >= log DBL_MIN) */
         double mix = 0.0;
         for (int k = 0; k < K; ++k) {
-            double gap = fabs(SG[k]) == 1.0 ? SG[k] * (V[k] * inv_scale) : 0.5 * SG[k] * exp_flush(V[k] - big_m);
+            double gap = SG[k] == 0.0         ? 0.0 /* k = r */
+                         : fabs(SG[k]) == 1.0 ? SG[k] * (V[k] * inv_scale)
+                                              : 0.5 * SG[k] * exp_flush(V[k] - big_m);
             V[k] = gap; /* (Phi_k - Phi_r) e^{-M} */
             mix += W[k] * gap;
         }
@@ -254,21 +255,27 @@ static void *run_job(void *arg) {
     int K = j->K, D = j->D, f = j->is_float;
     int64_t kd = (int64_t)K * D;
     /* the sample's inputs and outputs in double, then the work space */
-    size_t io = (size_t)(3 * K + 4 * kd + 2 * D);
+    size_t io = (size_t)(3 * K + 6 * kd + 2 * D);
     double *buf = (double *)malloc((io + work_size(K, D)) * sizeof(double));
     if (!buf) {
         j->status = 1;
         return NULL;
     }
     double *a = buf, *mu = a + K, *sg = mu + kd, *x = sg + kd, *g = x + D, *ga = g + D, *gmu = ga + K;
-    double *gsg = gmu + kd, *work = gsg + kd + K;
+    double *gsg = gmu + kd, *is = gsg + kd, *lsg = is + kd, *work = lsg + kd + K;
     for (int64_t n = j->begin; n < j->end; ++n) {
         if (n == j->begin || j->stride_logits) load(a, j->logits, n * j->stride_logits, K, f);
         if (n == j->begin || j->stride_loc) load(mu, j->loc, n * j->stride_loc, kd, f);
-        if (n == j->begin || j->stride_scale) load(sg, j->scale, n * j->stride_scale, kd, f);
+        if (n == j->begin || j->stride_scale) {
+            load(sg, j->scale, n * j->stride_scale, kd, f);
+            for (int64_t i = 0; i < kd; ++i) {
+                is[i] = 1.0 / sg[i];
+                lsg[i] = log(sg[i]) + HALF_LOG_2PI;
+            }
+        }
         load(x, j->x, n * D, D, f);
         load(g, j->g, n * D, D, f);
-        one_sample(K, D, a, mu, sg, x, g, j->log_ratio_max, j->need_components, ga, gmu, gsg, work);
+        one_sample(K, D, a, mu, sg, is, lsg, x, g, j->log_ratio_max, j->need_components, ga, gmu, gsg, work);
         store(j->grad_logits, ga, n * K, K, f);
         if (j->need_components) {
             store(j->grad_loc, gmu, n * kd, kd, f);
