@@ -10,6 +10,7 @@ Models with a ``generate(n)`` method also leave ``samples.png``, and sample imag
 from __future__ import annotations
 
 import errno
+import functools
 import math
 import pickle
 import time
@@ -545,7 +546,13 @@ def _estimate(
     return est.surrogate, est.cost, est.diagnostics
 
 
-_COMPILED: dict[str, Any] = {}
+@functools.cache
+def _compiled(mode: str):
+    """``_estimate`` through ``torch.compile`` in ``mode``, built once per mode and process."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True  # random draws through eager's generator (see estimate_fn)
+    return torch.compile(_estimate, mode=mode)
 
 
 def estimate_fn(setting: bool | str | None):
@@ -558,13 +565,7 @@ def estimate_fn(setting: bool | str | None):
     tensors break the graph into pieces; each piece is compiled."""
     if setting is None or setting is False:
         return _estimate
-    mode = "default" if setting is True else str(setting)
-    if mode not in _COMPILED:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.fallback_random = True
-        _COMPILED[mode] = torch.compile(_estimate, mode=mode)
-    return _COMPILED[mode]
+    return _compiled("default" if setting is True else str(setting))
 
 
 def _checkpoint(m: Member, checked: bool = False) -> None:
