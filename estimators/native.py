@@ -101,6 +101,9 @@ def build(cc: str | None = None) -> Path:
         )
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed to build {SOURCE.name}:\n{proc.stderr.strip()[-2000:]}")
+        # a library that does not load or lacks the entry point never reaches the cache (a broken compiler
+        # wrapper that exits 0 would otherwise leave a file every later process fails on)
+        _ = ctypes.CDLL(tmp).mixture_implicit_grad
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -251,3 +251,11 @@ def test_switched_off_by_set_enabled():
             implicit_grad_structured(*params, x, g, native=True)
     finally:
         native.set_enabled(previous)
+
+
+def test_a_compiler_that_writes_no_library_leaves_nothing_in_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "true")  # exits 0 and writes nothing
+    monkeypatch.setenv("GRADEST_CACHE", str(tmp_path))
+    with pytest.raises(OSError):
+        native.build()
+    assert not list(tmp_path.iterdir())
