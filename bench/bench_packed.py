@@ -154,11 +154,17 @@ def packed_step_fn(kind: str, m: int, device: torch.device):
 
 
 def runner_members(
-    kind: str, m: int, device: torch.device, root: Path, tmp: Path, extra: tuple[str, ...] = ()
+    kind: str,
+    m: int,
+    device: torch.device,
+    root: Path,
+    tmp: Path,
+    extra: tuple[str, ...] = (),
+    experiment: str = "muprop_table3_sbn_1layer",
 ) -> list:
-    """M members of the Table 3 SBN 200-784 preset as the runner builds them (``open_member``), seeds 1..M,
-    Adam at a learning rate per member; evaluation, variance and checkpoints off (the step alone is timed);
-    ``extra``: more overrides (bench_compile.py: ``train.compile=...``)."""
+    """M members of an experiment preset (default: Table 3's SBN 200-784) as the runner builds them
+    (``open_member``), seeds 1..M, Adam at a learning rate per member; evaluation, variance and checkpoints off
+    (the step alone is timed); ``extra``: more overrides (bench_compile.py: ``train.compile=...``)."""
     from hydra import compose, initialize_config_dir
 
     from runners.train import Job, open_member
@@ -170,7 +176,7 @@ def runner_members(
             cfg = compose(
                 "config",
                 overrides=[
-                    "experiment=muprop_table3_sbn_1layer",
+                    f"experiment={experiment}",
                     f"estimator={kind}",
                     "optim=adam",
                     f"optim.lr={3e-4 * (1 + i % 5)}",
@@ -187,7 +193,7 @@ def runner_members(
                     *extra,
                 ],
             )
-            members.append(open_member(i, Job(cfg, tmp / f"m{kind}{m}_{i}"), cache))
+            members.append(open_member(i, Job(cfg, tmp / f"{experiment}_{kind}{m}_{i}"), cache))
     return members
 
 
