@@ -74,6 +74,7 @@ of scales from every component can still overflow the solve: such x are not draw
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -687,6 +688,13 @@ class _MixtureRsample(torch.autograd.Function):
             comp_t = (0.0 if t_loc is None else t_loc) + (0.0 if t_scale is None else z * t_scale)
             out = out + (onehot * comp_t).sum(-2)  # [*L, D]
         return out
+
+
+# torch's Function.apply binds the arguments of a new-style forward to its signature on every call
+# (torch.autograd.function._bind_default_args), and inspect.signature rebuilds it each time: 41 -> 15 us per
+# call with it cached (measured on this 2-core CPU, loaded), of a 0.3-0.5 ms rsample + backward at K, D <= 2.
+# inspect returns a function's __signature__ when it has one: computed once here.
+_MixtureRsample.forward.__signature__ = inspect.signature(_MixtureRsample.forward)
 
 
 def reparameterize(
