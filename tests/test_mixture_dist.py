@@ -442,6 +442,37 @@ def test_func_jacfwd_jacrev_and_hessian():
     torch.testing.assert_close(torch.func.hessian(cost)(logits), want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("component_grad", COMPONENT_GRADS)
+@pytest.mark.parametrize("sample_shape", [(), (5,)])
+def test_one_component_rsample_is_the_custom_function(component_grad, sample_shape):
+    # K = 1 takes plain autograd operations (x = mu + sigma eps): the same draws, values, first and second
+    # derivatives as the custom Function, and an exactly zero logits gradient
+    logits, loc, scale = random_mixture((3,), 1, 4, seed=95)
+    params = [p.clone().requires_grad_() for p in (logits, loc, scale)]
+    dist = DiagNormalMixture(*params, component_grad=component_grad)
+    torch.manual_seed(95)
+    x = dist.rsample(sample_shape)  # [*S, 3, D]
+    torch.manual_seed(95)
+    drawn, component, _ = dist._draw(torch.Size(sample_shape))
+    via_function = reparameterize(*params, drawn, component, component_grad)  # [*S, 3, D]
+    assert torch.equal(x, drawn)
+    weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(96), dtype=x.dtype)
+    grads = [torch.autograd.grad((weight * y.square()).sum(), params, create_graph=True) for y in (x, via_function)]
+    assert torch.equal(grads[0][0], torch.zeros_like(logits))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    second = [torch.autograd.grad(g[1].sum() + g[2].square().sum(), params[1:]) for g in grads]
+    for a, b in zip(*second):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_one_component_with_an_infinite_logit_samples_finite_values():
+    logits = torch.tensor([[math.inf], [-math.inf]], requires_grad=True)  # [2, 1]
+    x = DiagNormalMixture(logits, torch.zeros(2, 1, 3), torch.ones(2, 1, 3)).rsample()  # [2, 3]
+    assert torch.isfinite(x).all()
+    assert torch.equal(torch.autograd.grad(x.sum(), logits)[0], torch.zeros(2, 1))
+
+
 @pytest.mark.slow
 def test_compiled_backward_matches_eager():
     # torch.compile of the backward (opt-in): the same gradients; the compile takes ~20-30 s on 2 busy cores
