@@ -861,6 +861,10 @@ class DiagNormalMixture(Distribution):
         shape = self._extended_shape(sample_shape)  # [*S, *B, D]
         k, d = self.loc.shape[-2:]
         with torch.no_grad():
+            if k == 1:  # one component: no index to draw (the draw is then one randn, as Normal's)
+                eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)  # [*S, *B, D]
+                component = torch.zeros(shape[:-1], dtype=torch.long, device=self.loc.device)  # [*S, *B]
+                return self.loc[..., 0, :] + self.scale[..., 0, :] * eps, component, eps
             # Gumbel-max (argmax of logits + Gumbel noise is an exact categorical draw): Categorical's
             # logit normalisation costs ~0.2 ms even for tiny batches (torch's logsumexp kernel)
             u = torch.rand(

@@ -466,6 +466,21 @@ def test_one_component_rsample_is_the_custom_function(component_grad, sample_sha
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("sample_shape", [(), (5,)])
+def test_one_component_draws_are_normal_draws(sample_shape):
+    # K = 1 draws no component index: rsample and sample consume the generator exactly as Normal.rsample
+    logits, loc, scale = random_mixture((3,), 1, 4, seed=97)
+    dist = DiagNormalMixture(logits, loc, scale)
+    normal = torch.distributions.Normal(loc[..., 0, :], scale[..., 0, :])
+    for draw in (dist.rsample, dist.sample):
+        torch.manual_seed(97)
+        x = draw(sample_shape)  # [*S, 3, D]
+        state = torch.get_rng_state()
+        torch.manual_seed(97)
+        assert torch.equal(x, normal.rsample(sample_shape))
+        assert torch.equal(state, torch.get_rng_state())  # nothing else drawn
+
+
 def test_one_component_with_an_infinite_logit_samples_finite_values():
     logits = torch.tensor([[math.inf], [-math.inf]], requires_grad=True)  # [2, 1]
     x = DiagNormalMixture(logits, torch.zeros(2, 1, 3), torch.ones(2, 1, 3)).rsample()  # [2, 3]
