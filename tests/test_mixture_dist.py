@@ -457,7 +457,9 @@ def test_one_component_rsample_is_the_custom_function(component_grad, sample_sha
     via_function = reparameterize(*params, drawn, component, component_grad)  # [*S, 3, D]
     assert torch.equal(x, drawn)
     weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(96), dtype=x.dtype)
-    grads = [torch.autograd.grad((weight * y.square()).sum(), params, create_graph=True) for y in (x, via_function)]
+    grads = [
+        torch.autograd.grad((weight * y.square()).sum(), params, create_graph=True) for y in (x, via_function)
+    ]
     assert torch.equal(grads[0][0], torch.zeros_like(logits))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
