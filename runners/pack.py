@@ -18,9 +18,10 @@ workers, as ``hydra/launcher=parallel``; SIGTERM reaches them through run.py): o
 Mechanism (measured, bench/bench_packed.py): members take their steps in lock step, one after another, each on
 its own RNG stream (swapped in for its turn), with its own model, estimator, optimiser and minibatch generator,
 and the data loaded once. On CPU this costs nothing per member against separate runs and saves the process
-start, imports and data loading of every job; a member dimension in the layers (``baddbmm`` over ``[M, in, out]``)
-was measured at 1.1-1.3x up to M = 16 and 0.7-0.9x from M = 64 on this CPU, and ``torch.func.vmap`` cannot
-run MuProp (``autograd.grad``) or the estimators' in-place running statistics.
+start, imports and data loading of every job; a member dimension in the layers (``baddbmm`` over
+``[M, in, out]``, prototyped in the benchmark) was measured at 1.2-1.7x up to M = 16 and 0.8-1.5x from M = 64 on
+this CPU (the README's table): not built yet, it is what a GPU needs. ``torch.func.vmap`` cannot run MuProp
+(``autograd.grad``) or the estimators' in-place running statistics.
 """
 
 from __future__ import annotations
