@@ -30,7 +30,7 @@ log "1/5 CUDA tests (every model x estimator, a few steps on cuda)"
 timeout 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/ > "$OUT/cuda_tests.txt" 2>&1
 log "   $(tail -1 "$OUT/cuda_tests.txt")"
 log "2/5 packed-runs benchmark on CUDA"
-timeout 150 $PY bench/bench_packed.py --device cuda --members 1,4,16,64,256 --reps 3 \
+timeout 180 $PY bench/bench_packed.py --device cuda --members 1,4,16,64,256 --reps 3 \
   > "$OUT/bench_packed_cuda.md" 2>&1
 log "   done ($(grep -c '^| ' "$OUT/bench_packed_cuda.md") table lines)"
 log "3/5 train.compile on CUDA: eager vs torch.compile default and reduce-overhead (MuProp-C, M = 1, 16)"
@@ -40,9 +40,9 @@ log "   done ($(grep -c '^| ' "$OUT/bench_compile_cuda.md") table lines)"
 log "4/5 mixture rsample + backward on CUDA"
 timeout 60 $PY bench/bench_mixture.py --quick --device cuda > "$OUT/bench_mixture_cuda.md" 2>&1 \
   || log "   bench_mixture.py has no --device cuda run (see its output)"
-log "5/5 a packed training of one Table 3 row on the GPU: SBN 200-784, MuProp-C, 3 seeds x 3 lrs, 120 s budget"
+log "5/5 a packed training of one Table 3 row on the GPU: SBN 200-784, MuProp-C, 3 seeds x 3 lrs, member dimension, 120 s budget"
 timeout 120 $PY run.py -m hydra/launcher=packed experiment=muprop_table3_sbn_1layer estimator=muprop_c \
-  seed=1,2,3 optim.lr=3e-3,1e-3,3e-4 train.steps=3000 device=cuda data.root="$DATA" eval.samples=100 \
+  seed=1,2,3 optim.lr=3e-3,1e-3,3e-4 train.steps=3000 train.member_dim=true device=cuda data.root="$DATA" eval.samples=100 \
   logger.mode=offline quiet=true hydra.sweep.dir="$OUT/train_cuda_packed" > "$OUT/train_cuda.txt" 2>&1
 log "   exit $? ; $(grep -h train_seconds "$OUT"/train_cuda_packed/*/summary.json | head -3 | tr -d '\n')"
 log "finished"

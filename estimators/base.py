@@ -34,12 +34,16 @@ surrogate (see the README).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Bernoulli, Distribution, Independent, OneHotCategorical
+
+from models.members import member_mean, n_members
 
 Sampler = Callable[[str, Distribution], Tensor]
 CostFn = Callable[[Sampler, int], Tensor]
@@ -71,6 +75,10 @@ class Estimator(nn.Module):
     unbiased: bool = True
     #: minimum number of samples per example (leave-one-out needs 2)
     min_samples: ClassVar[int] = 1
+    #: whether a pack may step its members together with a member dimension (``train.member_dim``,
+    #: models/members.py): draws go through ``draw_detached``, batch reductions through ``member_mean`` /
+    #: ``member_std`` / ``rows`` of the moving averages' stacked values, and the surrogate is a mean over rows
+    member_dim: ClassVar[bool] = False
 
     def __init__(self, n_samples: int = 1, context_dim: int | None = None, name: str | None = None):
         super().__init__()
@@ -171,9 +179,44 @@ def discrete_kind(dist: Distribution) -> str:
     )
 
 
+Turns = Callable[[int, Callable[[], Tensor]], Tensor | None]
+#: while a pack steps its M members together (runners/train.py): (M, turns), where ``turns(m, draw)`` runs
+#: ``draw()`` on member ``m``'s own random stream (None: it failed for that member, e.g. a diverged member's NaN
+#: probabilities; the runner stops that member after the step, and its rows are zeros meanwhile); None otherwise
+_member_turns: ContextVar[tuple[int, Turns] | None] = ContextVar("member_turns", default=None)
+
+
+@contextmanager
+def member_streams(n: int, turns: Turns):
+    """Within this block, sites hold ``n`` members' rows and each member's are drawn on its own stream
+    (``turns(m, draw)``; see :func:`draw_detached`)."""
+    token = _member_turns.set((n, turns))
+    try:
+        yield
+    finally:
+        _member_turns.reset(token)
+
+
 def draw_detached(name: str, dist: Distribution) -> Tensor:
-    """Exact sample, no gradient path through the value (score-function estimators)."""
-    return dist.sample()
+    """Exact sample, no gradient path through the value (score-function estimators).
+
+    In a pack stepped with a member dimension (``[S, M*B, D]`` sites, models/members.py), each member's rows
+    are drawn on its own stream with the call a single run makes, so a member draws what it would alone."""
+    members = _member_turns.get()
+    if members is None:
+        return dist.sample()
+    n, turns = members
+    base = dist.base_dist if isinstance(dist, Independent) else dist
+    if not isinstance(base, Bernoulli):
+        raise NotImplementedError(
+            f"site {name!r}: member-wise draws are implemented for Bernoulli sites only"
+        )
+    probs = base.probs  # [S, M*B, D]
+    rows = []
+    for m, chunk in enumerate(probs.detach().split(probs.shape[-2] // n, dim=-2)):  # M x [S, B, D]
+        z = turns(m, lambda c=chunk: torch.bernoulli(c.contiguous()))  # what the member's single run draws
+        rows.append(torch.zeros_like(chunk) if z is None else z)
+    return torch.cat(rows, dim=-2)  # [S, M*B, D]
 
 
 def draw_rsample(name: str, dist: Distribution) -> Tensor:
@@ -203,7 +246,8 @@ class MovingAverage(nn.Module):
 
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
-        x = x.detach().mean()
+        """Average in the mean of ``x`` (a pack's stacked average ``[M]``: each member's rows' mean, rows last)."""
+        x = member_mean(x.detach(), n_members(self.value, 0))
         # on the device, no host synchronisation: the first value is taken as is, later ones averaged in
         self.value.copy_(torch.where(self.initialised, self.decay * self.value + (1 - self.decay) * x, x))
         self.initialised.fill_(True)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from estimators.base import MovingAverage
+from models.members import Linear, member_mean, member_std, n_members, rows
 
 
 class InputBaseline(nn.Module):
@@ -28,7 +29,7 @@ class InputBaseline(nn.Module):
 
     def __init__(self, context_dim: int, hidden: int = 100):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(context_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.net = nn.Sequential(Linear(context_dim, hidden), nn.Tanh(), Linear(hidden, 1))
         nn.init.zeros_(self.net[2].weight)  # start as the zero baseline: the first steps are plain C
         nn.init.zeros_(self.net[2].bias)
 
@@ -61,34 +62,42 @@ class SignalProcessor(nn.Module):
     def forward(
         self, signal: Tensor, context: Tensor | None, update: bool = True
     ) -> tuple[Tensor, Tensor, dict]:
-        """Returns (A detached [S, B], baseline-net loss scalar, diagnostics)."""
+        """Returns (A detached [S, B], baseline-net loss scalar, diagnostics).
+
+        In a pack stepped with a member dimension the rows (last dimension) are M members' and the moving
+        averages stacked ``[M]``: every statistic is each member's own (models/members.py)."""
         signal = (
             signal.detach()
         )  # the learning signal is a constant weight on grad log p: no gradient through it
+        m = n_members(self.mean.value, 0)  # None: one run
         a = signal  # [S, B]
         loss = signal.new_zeros(())
         if self.baseline is not None:
             if context is None:
                 raise ValueError("an input-dependent baseline needs the example context; pass context=x")
             b_x = self.baseline(context)  # [B]
-            centred_target = signal - (self.mean.value if self.centre else 0.0)  # [S, B]
+            centred_target = signal - (rows(self.mean.value, signal) if self.centre else 0.0)  # [S, B]
             # trains psi only: the target is detached, b_x depends on psi and the input alone
             loss = ((centred_target - b_x) ** 2).mean()
             a = a - b_x.detach()  # [S, B]; detached: A is a constant in the score-function term
         # The running statistics are used *before* they see this step's signal: a baseline that depended on
         # the current sample would bias the estimate.
         if self.centre:
-            centred = a - self.mean.value  # [S, B]
+            centred = a - rows(self.mean.value, a)  # [S, B]
             if update:
                 self.mean.update(a)
             a = centred
         if self.normalise:
-            scale = torch.clamp(self.var.value.sqrt(), min=1.0)
+            scale = rows(self.scale(), a)  # [] or [S, B]
             if update:
-                self.var.update(a.pow(2).mean())
+                self.var.update(a.pow(2))
             a = a / scale  # [S, B]
         diag = {
-            "signal_mean": signal.detach().mean(),
-            "advantage_std": a.detach().std() if a.numel() > 1 else 0.0,
+            "signal_mean": member_mean(signal, m),
+            "advantage_std": member_std(a, m) if a.numel() > 1 else 0.0,
         }
         return a, loss, diag
+
+    def scale(self) -> Tensor:
+        """The VN divisor max(1, sqrt(v)) (``[M]`` in a pack stepped with a member dimension), detached."""
+        return torch.clamp(self.var.value.sqrt(), min=1.0).detach()

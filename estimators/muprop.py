@@ -69,6 +69,7 @@ from torch import Tensor
 
 from estimators.base import CostFn, Estimate, Estimator, Trace, draw_detached, site_log_prob
 from estimators.baselines import SignalProcessor
+from models.members import member_mean, member_std, n_members, rows
 
 
 class MeanField:
@@ -98,6 +99,7 @@ class MeanField:
 
 
 class MuProp(Estimator):
+    member_dim = True
     # The Taylor control variate needs only a mean and a log-density: Gaussian latents qualify as well, and
     # one-hot categorical sites, whose mean is the vector of class probabilities (z_bar_i = p_i(pa_i))
     supports = frozenset({"bernoulli", "categorical", "normal"})
@@ -157,7 +159,7 @@ class MuProp(Estimator):
                 for n in names
             ]
         )  # [L, S, B]
-        scale = self._vn_scale()  # read before the processor updates its running variance
+        scale = self._vn_scale(f_z)  # read before the processor updates its running variance
         adv, baseline_loss, diag = self.signal(
             residual, context, update=self.update_state
         )  # [L, S, B], detached
@@ -174,15 +176,17 @@ class MuProp(Estimator):
         #   cost is minimised; + mu^T f'(z_bar) / scale: adds back the control variate's expectation (same
         #   positive VN scale as the residual term). baseline_loss trains the IDB net only.
         surrogate = (cost + (log_p * adv).sum(0) + mu_dot_fp.sum(0) / scale).mean() + baseline_loss
+        m = n_members(self.signal.mean.value, 0)  # None: one run; else each member's own statistics
         diag = {
             **diag,
-            "residual_std": residual.detach().std() if residual.numel() > 1 else 0.0,
-            "cost_minus_mean_field": (f_z - f_bar).detach().mean(),
+            "residual_std": member_std(residual.detach(), m) if residual.numel() > 1 else 0.0,
+            "cost_minus_mean_field": member_mean((f_z - f_bar).detach(), m),
         }
         return Estimate(f_z, surrogate, diag)
 
-    def _vn_scale(self) -> Tensor | float:
-        """The VN divisor max(1, sqrt(v)) the signal processor applies this step (1 without VN)."""
+    def _vn_scale(self, like: Tensor) -> Tensor | float:
+        """The VN divisor max(1, sqrt(v)) the signal processor applies this step (1 without VN), for the rows
+        of ``like`` [S, B]."""
         if not self.signal.normalise:
             return 1.0
-        return torch.clamp(self.signal.var.value.sqrt(), min=1.0).detach()  # a running statistic, constant
+        return rows(self.signal.scale(), like)  # a running statistic, constant

@@ -21,6 +21,7 @@ from estimators.baselines import SignalProcessor
 class Reinforce(Estimator):
     supports = frozenset({"bernoulli", "categorical", "normal", "mixture"})
     unbiased = True
+    member_dim = True
 
     def __init__(
         self,

@@ -36,6 +36,11 @@ class LatentVariableModel(nn.Module):
     #: the data it reads (``images``: binarized MNIST and MNIST; ``none``: data=synthetic), checked before loading
     data_kind: ClassVar[str] = "images"
 
+    #: whether a pack may step its members together with a member dimension (``train.member_dim``,
+    #: models/members.py): every map is a ``models.members.Linear`` and every parameter that meets the rows
+    #: goes through ``members.rows``
+    member_dim: ClassVar[bool] = False
+
     #: size of ``context(x)``, the per-example input that input-dependent baselines see
     context_dim: int
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.distributions import Bernoulli, Independent
 
 from models.base import LatentVariableModel, Sampler, expand_samples, logit
+from models.members import Linear, rows
 
 
 def bernoulli_layer(logits: Tensor) -> Independent:
@@ -30,14 +31,13 @@ def bernoulli_layer(logits: Tensor) -> Independent:
 
 def mlp(n_in: int, n_out: int, nonlinear: bool, hidden: int) -> nn.Module:
     if not nonlinear:
-        return nn.Linear(n_in, n_out)
-    return nn.Sequential(
-        nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, n_out)
-    )
+        return Linear(n_in, n_out)
+    return nn.Sequential(Linear(n_in, hidden), nn.Tanh(), Linear(hidden, hidden), nn.Tanh(), Linear(hidden, n_out))
 
 
 class SBN(LatentVariableModel):
     latent_kind = "bernoulli"
+    member_dim = True
 
     def __init__(
         self,
@@ -87,7 +87,7 @@ class SBN(LatentVariableModel):
             h = sample(f"z{i + 1}", q)  # [S, B, D_i]
             log_q = log_q + q.log_prob(h)  # [S, B]
             zs.append(h)
-        log_p = bernoulli_layer(self.prior_logits.expand_as(zs[-1])).log_prob(zs[-1])  # [S, B]
+        log_p = bernoulli_layer(rows(self.prior_logits, zs[-1], 1)).log_prob(zs[-1])  # [S, B]
         targets = [x, *zs[:-1]]  # what layer i's decoder predicts from z_{i+1}
         for dec, z, target in zip(self.decoder, zs, targets):
             log_p = log_p + bernoulli_layer(dec(z)).log_prob(

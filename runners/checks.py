@@ -30,6 +30,7 @@ RESUMABLE_CHANGES = (
     "experiment_name",
     "train.steps",
     "train.compile",
+    "train.member_dim",
     "eval",
     "logger",
     "data.root",
@@ -511,6 +512,7 @@ def check_resume(config: dict[str, Any], run_dir: Path) -> None:
 FINISHED_FREE = (
     "git_rev",
     "quiet",
+    "train.member_dim",  # how the members of a pack are stepped, not what they compute
     "device",
     "experiment_name",
     "logger",

@@ -236,6 +236,8 @@ def sweep_command(table: Table, row: Row, args: argparse.Namespace) -> list[str]
     if args.launcher != "basic":
         cmd.append(f"hydra/launcher={args.launcher}")
         if args.launcher == "parallel":
+            cmd.append(f"hydra.launcher.n_jobs={args.n_jobs or 2}")
+        elif args.launcher == "packed" and args.n_jobs:  # each pack dealt over n_jobs processes side by side
             cmd.append(f"hydra.launcher.n_jobs={args.n_jobs}")
     return cmd + list(args.override)
 
@@ -634,7 +636,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         choices=["basic", "packed", "parallel", "slurm", "local"],
         help="packed: each row's jobs of one estimator as members of one process (runners/pack.py)",
     )
-    ap.add_argument("--n-jobs", type=int, default=2, help="jobs at once with --launcher parallel")
+    ap.add_argument(
+        "--n-jobs",
+        type=int,
+        help="processes at once: jobs with --launcher parallel (default 2); with packed, each estimator's pack "
+        "dealt over this many processes side by side (default 1)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads per job (OMP_NUM_THREADS)")
     ap.add_argument("--data-root", default=os.environ.get("DATA_ROOT"))
     ap.add_argument(

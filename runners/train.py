@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from estimators.base import Estimator
+from estimators.base import Estimator, MovingAverage, member_streams
 from models.base import LatentVariableModel
 from runners.checks import (
     ConfigError,
@@ -419,22 +419,16 @@ def _loop(members: list[Member], stop: GracefulStop) -> None:
         disable=quiet,
         unit="step" if len(members) == 1 else "member-step",
     )
+
+    def stepped(m: Member) -> None:
+        bar.update(1)
+        if len(members) == 1:
+            bar.set_postfix(elbo=f"{m.train_elbo:.2f}", log10_var=f"{m.last_var:.2f}", refresh=False)
+
     active = [m for m in members if m.active]
     while active:
-        for m in active:
-            with _turn(m, swap):
-                try:
-                    if m.step < m.steps:
-                        _advance(m, stop)
-                        bar.update(1)
-                        if len(members) == 1:
-                            bar.set_postfix(
-                                elbo=f"{m.train_elbo:.2f}", log10_var=f"{m.last_var:.2f}", refresh=False
-                            )
-                    else:
-                        m.summary = _final(m)
-                except Exception as e:  # noqa: BLE001 - this member fails alone; the pack goes on
-                    m.fail(e)
+        for group in _groups(active):
+            _round(group, stop, swap, stepped)
         active = [m for m in active if m.active]
         if stop.requested and active:
             for m in active:  # members that stepped before the signal came: checkpoint where they are
@@ -456,6 +450,39 @@ def _loop(members: list[Member], stop: GracefulStop) -> None:
     bar.close()
 
 
+def _round(group: list[Member], stop: GracefulStop, swap: bool, stepped=None) -> None:
+    """One lock-step round of ``group`` (members stepped together, or one member): each member's next step
+    with what falls on it, or its final evaluation once its steps are done. A member that fails stops alone
+    (members stepped together fail together when their joint step does). ``stepped(m)`` after each step."""
+    stepping: list[tuple[Member, torch.Tensor]] = []  # the members that take a step, with their minibatch
+    for m in group:
+        with _turn(m, swap):
+            try:
+                if m.step < m.steps:
+                    stepping.append((m, _prepare(m)))
+                else:
+                    m.summary = _final(m)
+            except Exception as e:  # noqa: BLE001 - this member fails alone; the pack goes on
+                m.fail(e)
+    try:
+        outcomes = _gradients(stepping, swap)
+    except Exception as e:  # noqa: BLE001
+        for m, _ in stepping:
+            m.fail(e)
+        return
+    for (m, x), outcome in zip(stepping, outcomes):
+        if isinstance(outcome, Exception):
+            m.fail(outcome)
+            continue
+        with _turn(m, swap):
+            try:
+                _update(m, x, *outcome, stop)
+                if stepped is not None:
+                    stepped(m)
+            except Exception as e:  # noqa: BLE001
+                m.fail(e)
+
+
 @contextmanager
 def _turn(m: Member, swap: bool):
     """Run a piece of member ``m``'s work on its own RNG stream (when it shares the process) and clock."""
@@ -470,11 +497,11 @@ def _turn(m: Member, swap: bool):
             m.rng = rng_state()
 
 
-def _advance(m: Member, stop: GracefulStop) -> None:
-    """Member ``m``'s next training step, with the evaluation, variance measurement, logging and
-    checkpoint that fall on it."""
+def _prepare(m: Member) -> torch.Tensor:
+    """What comes before member ``m``'s next step (the evaluation and variance measurement that fall on it);
+    returns the step's minibatch."""
     cfg, run, logger = m.cfg, m.run, m.logger
-    model, estimator, opt = run.model, run.estimator, run.optimizer
+    model = run.model
     t, ev, var_cfg = cfg.train, cfg.eval, cfg.variance
     step = m.step
     # --- evaluate (after `step` updates)
@@ -487,10 +514,13 @@ def _advance(m: Member, stop: GracefulStop) -> None:
             )
     # --- gradient variance at these parameters, on one fixed minibatch
     if int(var_cfg.every) > 0 and step % int(var_cfg.every) == 0:
-        if m.var_batch is None:
-            m.var_batch = m.train_split.sample_batch(
-                int(var_cfg.batch_size), torch.Generator().manual_seed(int(cfg.seed) + 1)
-            )
+        if m.var_batch is None:  # drawn off the training stream: the same batch after a resume
+            device = run.device
+            with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+                torch.manual_seed(int(cfg.seed) + 1)  # dynamic binarization draws its pixels from it
+                m.var_batch = m.train_split.sample_batch(
+                    int(var_cfg.batch_size), torch.Generator().manual_seed(int(cfg.seed) + 1)
+                )
         metrics = {}
         for name, est in run.measured(cfg.estimator.name).items():
             stats = gradient_variance(model, est, m.var_batch, int(var_cfg.samples), seed=step)
@@ -509,11 +539,144 @@ def _advance(m: Member, stop: GracefulStop) -> None:
             )
         m.last_var = metrics.get(f"grad/{cfg.estimator.name}/log10_var", float("nan"))
         logger.log(metrics, step)
-    # --- one step
-    x = m.train_split.sample_batch(int(t.batch_size), m.batch_gen)  # [B, X]
-    surrogate, cost, diagnostics = m.estimate(model, estimator, x)
-    opt.zero_grad(set_to_none=True)
-    surrogate.backward()
+    return m.train_split.sample_batch(int(t.batch_size), m.batch_gen)  # [B, X]
+
+
+def _gradients(
+    stepping: list[tuple[Member, torch.Tensor]], swap: bool
+) -> list[tuple[torch.Tensor, dict[str, Any]] | Exception]:
+    """The step's gradient estimates of ``stepping`` (members of one group, with their minibatches), left in
+    each member's ``.grad``; returns each member's cost ``[S, B]`` and diagnostics, or the error that stops
+    that member alone."""
+    if len(stepping) != 1:
+        return _member_dim_gradients(stepping) if stepping else []
+    ((m, x),) = stepping
+    with _turn(m, swap):
+        surrogate, cost, diagnostics = m.estimate(m.run.model, m.run.estimator, x)
+        m.run.optimizer.zero_grad(set_to_none=True)
+        surrogate.backward()
+    return [(cost, diagnostics)]
+
+
+def _member_dim_key(m: Member) -> str | None:
+    """Members with equal keys take their steps together with a member dimension (``train.member_dim``): same
+    model, estimator, data, batch size and device, a model and an estimator that support it, eager steps.
+    None: the member steps alone."""
+    cfg, run = m.cfg, m.run
+    if not (cfg.train.get("member_dim") and run.model.member_dim and run.estimator.member_dim):
+        return None
+    if cfg.train.get("compile"):
+        return None
+    part = {k: cfg.get(k) for k in ("model", "estimator", "data", "device")}
+    part["batch_size"] = cfg.train.batch_size
+    return OmegaConf.to_yaml(OmegaConf.create(part), resolve=True)
+
+
+def _groups(active: list[Member]) -> list[list[Member]]:
+    """This round's groups, in member order: members stepped together (:func:`_member_dim_key`), and every
+    other member alone."""
+    groups: dict[str, list[Member]] = {}
+    out: list[list[Member]] = []
+    for m in active:
+        key = _member_dim_key(m)
+        if key is None:
+            out.append([m])
+        elif key in groups:
+            groups[key].append(m)
+        else:
+            groups[key] = [m]
+            out.append(groups[key])
+    return out
+
+
+class _Pair(torch.nn.Module):
+    """A model and its estimator as one module, so that ``functional_call`` swaps both's tensors at once."""
+
+    def __init__(self, model: LatentVariableModel, estimator: Estimator):
+        super().__init__()
+        self.model, self.estimator = model, estimator
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        return _estimate(self.model, self.estimator, x)
+
+
+def _running_statistics(estimator: Estimator) -> list[str]:
+    """The buffers of an estimator that are a member's own running state (its moving averages)."""
+    return [
+        f"{name}.{b}"
+        for name, mod in estimator.named_modules()
+        if isinstance(mod, MovingAverage)
+        for b in mod._buffers
+    ]
+
+
+def _member_dim_gradients(
+    stepping: list[tuple[Member, torch.Tensor]],
+) -> list[tuple[torch.Tensor, dict[str, Any]] | Exception]:
+    """One step's gradient estimates of M members at once (models/members.py): the first member's model and
+    estimator run with every member's parameters and moving averages stacked ``[M, ...]`` and the minibatches
+    concatenated member after member, each member's rows drawn on its own random stream. ``torch.stack`` is
+    differentiable, so the backward pass leaves each member's gradient in its own parameters' ``.grad`` (the
+    surrogate is a mean over the M*B rows: times M, it is the sum of the members' own surrogates, and no
+    member's parameters reach another's rows), and the updated moving averages are copied back. Each member's
+    optimiser then takes its step as a single run's would."""
+    members = [m for m, _ in stepping]
+    n, lead = len(members), members[0].run
+    tick = time.perf_counter()
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix in ("model", "estimator"):
+        named = [dict(getattr(m.run, prefix).named_parameters()) for m in members]
+        tensors.update({f"{prefix}.{k}": torch.stack([p[k] for p in named]) for k in named[0]})
+    stats = _running_statistics(lead.estimator)
+    buffers = [dict(m.run.estimator.named_buffers()) for m in members]
+    tensors.update({f"estimator.{k}": torch.stack([b[k] for b in buffers]) for k in stats})
+    for m in members:
+        m.run.optimizer.zero_grad(set_to_none=True)
+
+    failed: dict[int, Exception] = {}  # a member whose draw failed (NaN probabilities): it stops alone
+
+    def turns(i: int, draw):
+        set_rng_state(members[i].rng)
+        try:
+            return draw()
+        except Exception as e:  # noqa: BLE001 - the member's single run would have failed here
+            failed.setdefault(i, e)
+            return None
+        finally:
+            members[i].rng = rng_state()
+
+    x = torch.cat([x for _, x in stepping])  # [M*B, X], member after member
+    with member_streams(n, turns):
+        surrogate, cost, diagnostics = torch.func.functional_call(
+            _Pair(lead.model, lead.estimator), tensors, (x,)
+        )
+    (surrogate * n).backward()
+    with torch.no_grad():
+        for k in stats:
+            for b, value in zip(buffers, tensors[f"estimator.{k}"]):
+                b[k].copy_(value)
+    share = (time.perf_counter() - tick) / n
+    for m in members:
+        m.elapsed += share
+    costs = cost.split([x.shape[0] for _, x in stepping], dim=-1)  # M x [S, B]
+    return [
+        failed[i]
+        if i in failed
+        else (
+            c,
+            {k: v[i] if isinstance(v, torch.Tensor) and v.dim() == 1 else v for k, v in diagnostics.items()},
+        )
+        for i, c in enumerate(costs)
+    ]
+
+
+def _update(
+    m: Member, x: torch.Tensor, cost: torch.Tensor, diagnostics: dict[str, Any], stop: GracefulStop
+) -> None:
+    """Member ``m``'s step from the gradients in place, with the logging and checkpoint that fall on it."""
+    cfg, run, logger = m.cfg, m.run, m.logger
+    model, estimator, opt = run.model, run.estimator, run.optimizer
+    t, step = cfg.train, m.step
     opt.step()
     estimator.step += 1
     if run.basket:

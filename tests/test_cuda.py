@@ -36,19 +36,25 @@ def test_trains_on_cuda(tiny_cfg, tmp_path, model, estimator):
     assert all(isinstance(v, float) for k, v in summary.items() if k.startswith("test/"))
 
 
+@pytest.mark.parametrize("member_dim", [False, True], ids=["one-at-a-time", "member-dim"])
 @pytest.mark.parametrize("estimator", ["muprop_c", "nvil", "st", "darn"])
-def test_packed_on_cuda_matches_alone(tiny_cfg, tmp_path, estimator):
-    """A pack of three on CUDA: each member's CUDA RNG stream is its own (a member logs what it logs alone)."""
+def test_packed_on_cuda_matches_alone(tiny_cfg, tmp_path, estimator, member_dim):
+    """A pack of three on CUDA: each member's CUDA RNG stream is its own (a member logs what it logs alone),
+    also stepped with a member dimension (train.member_dim: MuProp-C and NVIL; ST and DARN step alone)."""
     from runners.train import Job, train, train_pack
 
-    cfgs = [
-        tiny_cfg(f"estimator={estimator}", "device=cuda", f"seed={s}", f"optim.lr={lr}")
-        for s, lr in ((1, 1e-3), (2, 3e-3), (3, 1e-4))
+    def cfg(seed: int, lr: float, *more: str):
+        return tiny_cfg(f"estimator={estimator}", "device=cuda", f"seed={seed}", f"optim.lr={lr}", *more)
+
+    jobs = [
+        Job(cfg(s, lr, f"train.member_dim={member_dim}"), tmp_path / "pack" / str(i))
+        for i, (s, lr) in enumerate(((1, 1e-3), (2, 3e-3), (3, 1e-4)))
     ]
-    results = train_pack([Job(c, tmp_path / "pack" / str(i)) for i, c in enumerate(cfgs)])
-    alone = train(cfgs[1], tmp_path / "alone")
+    results = train_pack(jobs)
+    alone = train(cfg(2, 3e-3), tmp_path / "alone")
     assert isinstance(results[1], dict), results[1]
-    assert results[1]["test/elbo"] == pytest.approx(alone["test/elbo"], rel=1e-5)
+    # bmm where a single run has addmm: float32 rounding apart
+    assert results[1]["test/elbo"] == pytest.approx(alone["test/elbo"], rel=1e-3 if member_dim else 1e-5)
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])

@@ -89,7 +89,7 @@ def test_a_member_of_a_pack_is_its_single_run(tiny_cfg, tmp_path):
 def test_members_are_independent(tiny_cfg, tmp_path):
     """Member j's objective does not reach member i's parameters; its steps change nothing of member i."""
     from runners.interrupt import GracefulStop
-    from runners.train import Job, _advance, _turn, open_member
+    from runners.train import Job, _round, _turn, open_member
 
     members = [
         open_member(i, Job(tiny_cfg(*m, "model.layers=[16]"), tmp_path / str(i)), {})
@@ -115,14 +115,102 @@ def test_members_are_independent(tiny_cfg, tmp_path):
         with GracefulStop() as stop:
             for m in members[1:]:
                 for _ in range(3):
-                    with _turn(m, swap=True):
-                        _advance(m, stop)
+                    _round([m], stop, swap=True)
         after = {**m0.run.model.state_dict(), **m0.run.estimator.state_dict()}
         assert all(torch.equal(before[k], after[k]) for k in before)
         assert torch.equal(rng_before, m0.rng["torch"])
         assert members[1].step == 3 and m0.step == 0
     finally:
         for m in members:
+            m.close(0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the same with a member dimension (train.member_dim: models/members.py)
+# ---------------------------------------------------------------------------------------------------
+
+MEMBER_DIM = [  # stepped together: the SBN with the estimators that declare member_dim, own seeds and optimisers
+    ("estimator=nvil", "seed=1", "optim.lr=1e-3"),
+    ("estimator=nvil", "seed=2", "optim=sgd", "optim.lr=1e-2"),
+    ("estimator=nvil", "seed=3", "optim.lr=3e-3", "data=mnist_dynamic"),  # stepped alone: other data
+    ("estimator=muprop_c", "seed=1", "optim.lr=3e-3"),
+    ("estimator=muprop_c", "seed=4", "optim.lr=1e-3", "optim.betas=[0.5,0.9]"),
+    ("estimator=muprop_c_vn", "seed=1"),
+    ("estimator=muprop_c_vn", "seed=2"),
+    ("estimator=muprop_c_idb", "seed=1"),
+    ("estimator=muprop_c_idb", "seed=5", "optim.lr=3e-3"),
+    ("estimator=st", "seed=1"),  # no member dimension: steps alone
+]
+
+
+def close_records(a: list[dict], b: list[dict], what) -> None:
+    """Every metric of every logged step equal to float32 rounding (the member dimension multiplies by
+    ``bmm`` where a single run uses ``addmm``)."""
+    assert [r.keys() for r in a] == [r.keys() for r in b], what
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if isinstance(ra[k], float):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-4, nan_ok=True), (what, ra["step"], k)
+            else:
+                assert ra[k] == rb[k], (what, ra["step"], k)
+
+
+def test_members_stepped_with_a_member_dimension_are_their_single_runs(tiny_cfg, tmp_path, monkeypatch):
+    """(b) with ``train.member_dim=true``: each member logs its single run's metrics, and resumes like it."""
+    import runners.train as train_mod
+    from runners.train import Job, train, train_pack
+
+    groups: list[int] = []
+    real = train_mod._member_dim_gradients
+    monkeypatch.setattr(train_mod, "_member_dim_gradients", lambda st: groups.append(len(st)) or real(st))
+    common = ("train.eval_every=3", "variance.every=3", "model.layers=[16]", "train.member_dim=true")
+    # 4 steps, then the same jobs re-run to 7: resumed from each member's checkpoint
+    for steps in (4, 7):
+        jobs = [
+            Job(tiny_cfg(*common, f"train.steps={steps}", *m), tmp_path / "pack" / str(i))
+            for i, m in enumerate(MEMBER_DIM)
+        ]
+        results = train_pack(jobs)
+        assert all(isinstance(r, dict) for r in results), results
+    # every round: one group per estimator config with >= 2 members on the same data
+    assert set(groups) == {2} and len(groups) == 4 * 7
+    for i, m in enumerate(MEMBER_DIM):
+        alone = train(tiny_cfg(*common[:-1], "train.steps=7", *m), tmp_path / "alone" / str(i))
+        close_records(records(jobs[i].run_dir), records(tmp_path / "alone" / str(i)), m)
+        for key in ("test/elbo", "test/bound_3", "val/elbo", "train/elbo"):
+            assert results[i][key] == pytest.approx(alone[key], rel=1e-4), (m, key)
+
+
+def test_members_stepped_together_are_independent(tiny_cfg, tmp_path):
+    """(a) and (d) with a member dimension: one member's parameters made NaN (diverged) change nothing of
+    the others' steps, bit for bit, and that member alone fails, with its single run's error; the others go on."""
+    from runners.interrupt import GracefulStop
+    from runners.train import Job, _groups, _round, open_member
+
+    def pack(name: str) -> list:
+        return [
+            open_member(i, Job(tiny_cfg(*m, "model.layers=[16]", "train.member_dim=true", "train.log_every=2"),
+                               tmp_path / name / str(i)), {})
+            for i, m in enumerate(MEMBER_DIM[3:5] + MEMBER_DIM[3:4])
+        ]  # fmt: skip
+
+    a, b = pack("a"), pack("b")
+    with torch.no_grad():
+        b[1].run.model.decoder[0].weight.fill_(float("nan"))
+    try:
+        with GracefulStop() as stop:
+            for members in (a, b):
+                for _ in range(2):
+                    (group,) = _groups(members)
+                    _round(group, stop, swap=True)
+        for i in (0, 2):
+            for (k, va), vb in zip(a[i].run.model.state_dict().items(), b[i].run.model.state_dict().values()):
+                assert torch.equal(va, vb), (i, k)
+            assert torch.equal(a[i].rng["torch"], b[i].rng["torch"]) and b[i].step == 2 and b[i].active
+        # its own error, the one its single run raises (NaN probabilities at its draw): it alone stops
+        assert "p_in" in str(b[1].error) and not b[1].active and b[1].step == 1  # NaN decoder, then all NaN
+    finally:
+        for m in a + b:
             m.close(0)
 
 
