@@ -32,7 +32,9 @@ def bernoulli_layer(logits: Tensor) -> Independent:
 def mlp(n_in: int, n_out: int, nonlinear: bool, hidden: int) -> nn.Module:
     if not nonlinear:
         return Linear(n_in, n_out)
-    return nn.Sequential(Linear(n_in, hidden), nn.Tanh(), Linear(hidden, hidden), nn.Tanh(), Linear(hidden, n_out))
+    return nn.Sequential(
+        Linear(n_in, hidden), nn.Tanh(), Linear(hidden, hidden), nn.Tanh(), Linear(hidden, n_out)
+    )
 
 
 class SBN(LatentVariableModel):
