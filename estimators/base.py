@@ -197,6 +197,12 @@ def member_streams(n: int, turns: Turns):
         _member_turns.reset(token)
 
 
+def active_members() -> int | None:
+    """M while a pack's members are stepped together (:func:`member_streams`), None otherwise."""
+    members = _member_turns.get()
+    return None if members is None else members[0]
+
+
 def draw_detached(name: str, dist: Distribution) -> Tensor:
     """Exact sample, no gradient path through the value (score-function estimators).
 

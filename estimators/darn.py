@@ -47,7 +47,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, Independent
 
-from estimators.base import CostFn, Estimate, Estimator, Trace, discrete_kind, draw_detached
+from estimators.base import CostFn, Estimate, Estimator, Trace, active_members, discrete_kind, draw_detached
+from models.members import member_std
 
 
 def centre_of(dist: Distribution, z: Tensor) -> float:
@@ -58,6 +59,7 @@ def centre_of(dist: Distribution, z: Tensor) -> float:
 class Darn(Estimator):
     supports = frozenset({"bernoulli", "categorical"})
     unbiased = False
+    member_dim = True
 
     def f_primes(self, cost: Tensor, trace: Trace, es: list[Tensor]) -> list[Tensor]:
         """f'_i(z) of every site, in sampling order: direct derivatives, then the conditional means' VJPs."""
@@ -107,6 +109,9 @@ class Darn(Estimator):
         # + sum_ij log p(z_ij | pa) * signal_ij: each unit's score times its own Taylor signal (f is minimised)
         surrogate = (cost + torch.stack(score_terms).sum(0)).mean()
         flat = torch.cat(signals, -1)  # [S, B, sum of units]
+        m = active_members()  # None: one run; else each member's own rows (dimension 1)
         return Estimate(
-            cost.detach(), surrogate, {"signal_std": flat.detach().std() if flat.numel() > 1 else 0.0}
+            cost.detach(),
+            surrogate,
+            {"signal_std": member_std(flat.detach(), m, dim=1) if flat.numel() > 1 else 0.0},
         )

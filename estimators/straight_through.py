@@ -29,6 +29,7 @@ from estimators.base import (
     bernoulli_logits,
     categorical_logits,
     discrete_kind,
+    draw_detached,
 )
 
 
@@ -52,6 +53,8 @@ class StraightThrough(Estimator):
                 f"max_slope={max_slope}, slope_rate={slope_rate}"
             )
         self.slope, self.slope_rate, self.max_slope = float(slope), float(slope_rate), float(max_slope)
+        # members stepped together share the first member's step counter: only without a slope schedule
+        self.member_dim = self.slope_rate == 0
 
     def current_slope(self) -> float:
         """a = min(max_slope, slope + slope_rate * step); without a schedule the step (a device tensor) is not
@@ -64,7 +67,7 @@ class StraightThrough(Estimator):
         a = self.current_slope()
 
         def draw(name: str, dist: Distribution) -> Tensor:
-            b = dist.sample()  # [S, B, D] (or [S, B, V, K]); an exact sample, no gradient through its value
+            b = draw_detached(name, dist)  # [S, B, D] (or [S, B, V, K]); exact, no gradient through its value
             if discrete_kind(dist) == "bernoulli":
                 mu = torch.sigmoid(a * bernoulli_logits(dist))  # [S, B, D], the backward path
             else:

@@ -85,16 +85,18 @@ def rows(value: Tensor, like: Tensor, plain_dim: int = 0) -> Tensor:
     return per_row.expand(*like.shape[:batch_dim], *per_row.shape)
 
 
-def _per_member(x: Tensor, m: int) -> Tensor:
-    """``x [*lead, M*B]`` (rows last) as ``[M, rest]``: each member's entries in one row."""
+def _per_member(x: Tensor, m: int, dim: int) -> Tensor:
+    """``x`` with ``M*B`` rows along ``dim`` as ``[M, rest]``: each member's entries in one row."""
+    x = x.movedim(dim, -1)
     return x.reshape(*x.shape[:-1], m, x.shape[-1] // m).movedim(-2, 0).reshape(m, -1)
 
 
-def member_mean(x: Tensor, m: int | None) -> Tensor:
-    """Mean of ``x [*lead, M*B]`` over everything but the members: ``[M]``, or the plain mean when ``m`` is None."""
-    return x.mean() if m is None else _per_member(x, m).mean(1)
+def member_mean(x: Tensor, m: int | None, dim: int = -1) -> Tensor:
+    """Mean of ``x`` (rows along ``dim``) over everything but the members: ``[M]``, or the plain mean when ``m``
+    is None."""
+    return x.mean() if m is None else _per_member(x, m, dim).mean(1)
 
 
-def member_std(x: Tensor, m: int | None) -> Tensor:
+def member_std(x: Tensor, m: int | None, dim: int = -1) -> Tensor:
     """As :func:`member_mean`, for the (unbiased) standard deviation."""
-    return x.std() if m is None else _per_member(x, m).std(1)
+    return x.std() if m is None else _per_member(x, m, dim).std(1)

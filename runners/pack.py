@@ -15,12 +15,15 @@ into packs of their own, trained one after another. The user never chooses: any 
 ``hydra.launcher.n_jobs=N`` each pack is dealt over N worker processes that run side by side (joblib's loky
 workers, as ``hydra/launcher=parallel``; SIGTERM reaches them through run.py): one per core on a CPU.
 
-Mechanism (measured, bench/bench_packed.py): members take their steps in lock step, one after another, each on
-its own RNG stream (swapped in for its turn), with its own model, estimator, optimiser and minibatch generator,
-and the data loaded once. On CPU this costs nothing per member against separate runs and saves the process
-start, imports and data loading of every job; a member dimension in the layers (``baddbmm`` over
-``[M, in, out]``, prototyped in the benchmark) was measured at 1.2-1.7x up to M = 16 and 0.8-1.5x from M = 64 on
-this CPU (the README's table): not built yet, it is what a GPU needs. ``torch.func.vmap`` cannot run MuProp
+Mechanism (measured, bench/bench_packed.py): members take their steps in lock step, each on its own RNG stream
+(swapped in for its turn), with its own model, estimator, optimiser and minibatch generator, and the data loaded
+once. By default one member at a time: on CPU this costs nothing per member against separate runs and saves the
+process start, imports and data loading of every job. With ``train.member_dim=true`` the members of one model,
+estimator, data and batch size take each step together (``runners.train._member_dim_gradients``,
+models/members.py): one pass with their parameters and moving averages stacked ``[M, ...]`` and ``baddbmm``
+over members, each member's rows drawn on its own stream, then each member's own optimiser. That is what a GPU
+needs (one kernel per layer for all members instead of one per member); on this CPU, which is bound by the
+arithmetic, it measured no faster (the README's table). ``torch.func.vmap`` cannot run MuProp
 (``autograd.grad``) or the estimators' in-place running statistics.
 """
 

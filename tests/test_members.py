@@ -66,6 +66,10 @@ def test_rows_and_per_member_reductions():
         torch.testing.assert_close(member_mean(x, M)[m], own.mean(), rtol=1e-12, atol=0)
         torch.testing.assert_close(member_std(x, M)[m], own.std(), rtol=1e-12, atol=0)
     assert torch.equal(member_mean(x, None), x.mean()) and torch.equal(member_std(x, None), x.std())
+    units = torch.randn(2, M * B, 5, generator=g, dtype=torch.float64)  # [S, M*B, U]: rows along dim 1
+    for m in range(M):
+        own = units[:, m * B : (m + 1) * B]
+        torch.testing.assert_close(member_std(units, M, dim=1)[m], own.std(), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -139,7 +139,13 @@ MEMBER_DIM = [  # stepped together: the SBN with the estimators that declare mem
     ("estimator=muprop_c_vn", "seed=2"),
     ("estimator=muprop_c_idb", "seed=1"),
     ("estimator=muprop_c_idb", "seed=5", "optim.lr=3e-3"),
-    ("estimator=st", "seed=1"),  # no member dimension: steps alone
+    ("estimator=st", "seed=1"),
+    ("estimator=st", "seed=2", "optim.lr=3e-3"),
+    ("estimator=darn", "seed=1"),
+    ("estimator=darn", "seed=2", "optim=sgd", "optim.lr=1e-2"),
+    ("estimator=st_annealed", "seed=1"),  # a slope schedule (reads the step): steps alone
+    ("estimator=st_annealed", "seed=2"),
+    ("estimator=arm", "seed=1"),  # no member dimension: steps alone
 ]
 
 
@@ -173,7 +179,7 @@ def test_members_stepped_with_a_member_dimension_are_their_single_runs(tiny_cfg,
         results = train_pack(jobs)
         assert all(isinstance(r, dict) for r in results), results
     # every round: one group per estimator config with >= 2 members on the same data
-    assert set(groups) == {2} and len(groups) == 4 * 7
+    assert set(groups) == {2} and len(groups) == 6 * 7
     for i, m in enumerate(MEMBER_DIM):
         alone = train(tiny_cfg(*common[:-1], "train.steps=7", *m), tmp_path / "alone" / str(i))
         close_records(records(jobs[i].run_dir), records(tmp_path / "alone" / str(i)), m)
