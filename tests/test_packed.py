@@ -257,14 +257,20 @@ def test_packed_sweep_leaves_single_run_folders(tiny_data_root, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_packed_sweep_killed_and_rerun_resumes_every_member(tiny_data_root, tmp_path, sig):
+@pytest.mark.parametrize(
+    "sig,member_dim",
+    [(signal.SIGTERM, False), (signal.SIGKILL, False), (signal.SIGTERM, True)],
+    ids=["SIGTERM", "SIGKILL", "SIGTERM-member-dim"],
+)
+def test_packed_sweep_killed_and_rerun_resumes_every_member(tiny_data_root, tmp_path, sig, member_dim):
     """SIGTERM: every member checkpoints where it is; SIGKILL: each member goes back to its last periodic
-    checkpoint. Either way the re-run resumes every member with no repeated and no missing step."""
+    checkpoint. Either way the re-run resumes every member with no repeated and no missing step (also with the
+    members stepped together, train.member_dim)."""
     sweep = tmp_path / "s"
     args = sweep_args(
         tiny_data_root,
         sweep,
+        f"train.member_dim={str(member_dim).lower()}",
         "estimator=reinforce_ma",
         "seed=1,2,3",
         "train.eval_every=100000",
