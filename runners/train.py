@@ -368,6 +368,7 @@ class Member:
         self.elapsed = elapsed  # training seconds of earlier processes, plus this one's turns so far
         self.watch = DivergenceWatch(float(self.cfg.train.get("divergence_factor") or 0.0), div_ref, self.cfg)
         self.estimate = estimate_fn(self.cfg.train.get("compile"))  # train.compile: eager or torch.compile'd
+        self.member_dim_key = member_dim_key(self.cfg, run)  # None: steps alone
         self.var_batch: torch.Tensor | None = None
         self.last_var = float("nan")
         self.train_elbo = float("nan")
@@ -558,11 +559,10 @@ def _gradients(
     return [(cost, diagnostics)]
 
 
-def _member_dim_key(m: Member) -> str | None:
+def member_dim_key(cfg: DictConfig, run: Run) -> str | None:
     """Members with equal keys take their steps together with a member dimension (``train.member_dim``): same
     model, estimator, data, batch size and device, a model and an estimator that support it, eager steps.
-    None: the member steps alone."""
-    cfg, run = m.cfg, m.run
+    None: the member steps alone. (Computed once per member: serialising the config takes milliseconds.)"""
     if not (cfg.train.get("member_dim") and run.model.member_dim and run.estimator.member_dim):
         return None
     if cfg.train.get("compile"):
@@ -573,12 +573,12 @@ def _member_dim_key(m: Member) -> str | None:
 
 
 def _groups(active: list[Member]) -> list[list[Member]]:
-    """This round's groups, in member order: members stepped together (:func:`_member_dim_key`), and every
+    """This round's groups, in member order: members stepped together (:func:`member_dim_key`), and every
     other member alone."""
     groups: dict[str, list[Member]] = {}
     out: list[list[Member]] = []
     for m in active:
-        key = _member_dim_key(m)
+        key = m.member_dim_key
         if key is None:
             out.append([m])
         elif key in groups:
