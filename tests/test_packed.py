@@ -146,6 +146,8 @@ MEMBER_DIM = [  # stepped together: the SBN with the estimators that declare mem
     ("estimator=st_annealed", "seed=1"),  # a slope schedule (reads the step): steps alone
     ("estimator=st_annealed", "seed=2"),
     ("estimator=arm", "seed=1"),  # no member dimension: steps alone
+    ("estimator=muprop_c", "seed=6", "model.nonlinear=true", "model.hidden=8"),  # two tanh layers per map
+    ("estimator=muprop_c", "seed=7", "model.nonlinear=true", "model.hidden=8", "optim.lr=3e-3"),
 ]
 
 
@@ -179,7 +181,7 @@ def test_members_stepped_with_a_member_dimension_are_their_single_runs(tiny_cfg,
         results = train_pack(jobs)
         assert all(isinstance(r, dict) for r in results), results
     # every round: one group per estimator config with >= 2 members on the same data
-    assert set(groups) == {2} and len(groups) == 6 * 7
+    assert set(groups) == {2} and len(groups) == 7 * 7
     for i, m in enumerate(MEMBER_DIM):
         alone = train(tiny_cfg(*common[:-1], "train.steps=7", *m), tmp_path / "alone" / str(i))
         close_records(records(jobs[i].run_dir), records(tmp_path / "alone" / str(i)), m)
