@@ -378,6 +378,25 @@ class Member:
         self.error: BaseException | None = None
         self.closed = False
 
+    @functools.cached_property
+    def own_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """This member's parameters and running statistics (its estimator's moving averages), named as in a
+        ``_Pair`` of its model and estimator: what a step with a member dimension stacks. Gathered once: the
+        optimiser, the statistics and a checkpoint's restore update these tensors in place."""
+        run = self.run
+        params = {
+            f"{prefix}.{k}": p
+            for prefix in ("model", "estimator")
+            for k, p in getattr(run, prefix).named_parameters()
+        }
+        stats = {
+            f"estimator.{name}.{b}": t
+            for name, mod in run.estimator.named_modules()
+            if isinstance(mod, MovingAverage)
+            for b, t in mod.named_buffers(recurse=False)
+        }
+        return params, stats
+
     @property
     def active(self) -> bool:
         return self.summary is None and self.error is None
@@ -600,16 +619,6 @@ class _Pair(torch.nn.Module):
         return _estimate(self.model, self.estimator, x)
 
 
-def _running_statistics(estimator: Estimator) -> list[str]:
-    """The buffers of an estimator that are a member's own running state (its moving averages)."""
-    return [
-        f"{name}.{b}"
-        for name, mod in estimator.named_modules()
-        if isinstance(mod, MovingAverage)
-        for b in mod._buffers
-    ]
-
-
 def _member_dim_gradients(
     stepping: list[tuple[Member, torch.Tensor]],
 ) -> list[tuple[torch.Tensor, dict[str, Any]] | Exception]:
@@ -623,13 +632,9 @@ def _member_dim_gradients(
     members = [m for m, _ in stepping]
     n, lead = len(members), members[0].run
     tick = time.perf_counter()
-    tensors: dict[str, torch.Tensor] = {}
-    for prefix in ("model", "estimator"):
-        named = [dict(getattr(m.run, prefix).named_parameters()) for m in members]
-        tensors.update({f"{prefix}.{k}": torch.stack([p[k] for p in named]) for k in named[0]})
-    stats = _running_statistics(lead.estimator)
-    buffers = [dict(m.run.estimator.named_buffers()) for m in members]
-    tensors.update({f"estimator.{k}": torch.stack([b[k] for b in buffers]) for k in stats})
+    own = [m.own_tensors for m in members]  # (parameters, running statistics) of each member
+    params = {k: torch.stack([o[0][k] for o in own]) for k in own[0][0]}  # [M, ...] each
+    stats = {k: torch.stack([o[1][k] for o in own]) for k in own[0][1]}  # [M] each, updated in place
     for m in members:
         m.run.optimizer.zero_grad(set_to_none=True)
 
@@ -648,13 +653,13 @@ def _member_dim_gradients(
     x = torch.cat([x for _, x in stepping])  # [M*B, X], member after member
     with member_streams(n, turns):
         surrogate, cost, diagnostics = torch.func.functional_call(
-            _Pair(lead.model, lead.estimator), tensors, (x,)
+            _Pair(lead.model, lead.estimator), {**params, **stats}, (x,)
         )
     (surrogate * n).backward()
     with torch.no_grad():
-        for k in stats:
-            for b, value in zip(buffers, tensors[f"estimator.{k}"]):
-                b[k].copy_(value)
+        for k, stacked in stats.items():
+            for o, value in zip(own, stacked):
+                o[1][k].copy_(value)
     share = (time.perf_counter() - tick) / n
     for m in members:
         m.elapsed += share
